@@ -1,0 +1,2 @@
+//! Round-trip benchmarks (filled in below).
+fn main() {}

@@ -1,0 +1,350 @@
+//! The receiving side of every channel: a bounded FIFO of encoded messages.
+//!
+//! Local senders push into the inbox directly; a session pushes the messages it reads for the
+//! channel. A waiting receiver first spins (crossbeam's `Backoff`), then, when a session feeds
+//! the inbox and nobody is reading that session's socket, reads it itself (so a reply costs one
+//! kernel wake-up, not two); otherwise it parks until a pusher unparks it.
+//!
+//! Invariants (all under `state`'s lock):
+//! - `senders` counts live local `SendCore`s plus open session feeds; the inbox is *closed* when
+//!   it reaches zero, and a receiver gets `Closed` (or `Disconnected` if a feed broke) once the
+//!   queue is drained;
+//! - `receivers` counts live `RecvCore`s; at zero, senders get `Disconnected` and queued
+//!   messages are dropped (closing their handles);
+//! - local senders never push past `cap` messages; session feeds are bounded by their credit
+//!   window instead, so they never block the thread that reads the socket.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, Thread};
+use std::time::Instant;
+
+use crossbeam_utils::Backoff;
+
+use crate::message::Packet;
+use crate::transport::{Conn, Drive, InChan};
+
+/// One queued message and, when it came from a session, where to return its credit.
+pub(crate) struct Entry {
+    pub(crate) packet: Packet,
+    pub(crate) credit: Option<Arc<InChan>>,
+}
+
+pub(crate) struct Inbox {
+    state: Mutex<State>,
+    /// Length of `queue`, readable without the lock while spinning.
+    len: AtomicUsize,
+    /// Copy of `State::senders`, so a reader of a session sees a close without the lock.
+    open_senders: AtomicUsize,
+    cap: usize,
+}
+
+struct State {
+    queue: VecDeque<Entry>,
+    senders: usize,
+    receivers: usize,
+    /// A session feed broke: after draining, receivers get `Disconnected`.
+    broken: bool,
+    /// Sessions that push into this inbox, each with the number of its channels that do.
+    feeds: Vec<(Arc<Conn>, usize)>,
+    recv_waiters: Vec<Thread>,
+    send_waiters: Vec<Thread>,
+}
+
+/// Why a pop failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PopError {
+    Empty,
+    Timeout,
+    Closed,
+    Disconnected,
+}
+
+/// Why a push failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PushError {
+    Full,
+    Timeout,
+    Disconnected,
+}
+
+/// How long a blocking operation may wait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Wait {
+    No,
+    Until(Instant),
+    Forever,
+}
+
+impl Wait {
+    pub(crate) fn expired(self) -> bool {
+        match self {
+            Wait::No => true,
+            Wait::Until(t) => Instant::now() >= t,
+            Wait::Forever => false,
+        }
+    }
+
+    /// Parks the current thread until unparked or the deadline passes.
+    pub(crate) fn park(self) {
+        match self {
+            Wait::No => {}
+            Wait::Until(t) => {
+                let now = Instant::now();
+                if t > now {
+                    thread::park_timeout(t - now);
+                }
+            }
+            Wait::Forever => thread::park(),
+        }
+    }
+}
+
+impl Inbox {
+    /// A new inbox with one receiver and no senders yet.
+    pub(crate) fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                senders: 0,
+                receivers: 1,
+                broken: false,
+                feeds: Vec::new(),
+                recv_waiters: Vec::new(),
+                send_waiters: Vec::new(),
+            }),
+            len: AtomicUsize::new(0),
+            open_senders: AtomicUsize::new(0),
+            cap: cap.max(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves the queue consistent (every critical section
+        // is a handful of field updates), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn add_sender(&self) {
+        let mut s = self.lock();
+        s.senders += 1;
+        self.open_senders.store(s.senders, Ordering::Release);
+    }
+
+    pub(crate) fn remove_sender(&self, broken: bool) {
+        let waiters = {
+            let mut s = self.lock();
+            s.senders -= 1;
+            self.open_senders.store(s.senders, Ordering::Release);
+            s.broken |= broken;
+            if s.senders > 0 {
+                return;
+            }
+            std::mem::take(&mut s.recv_waiters)
+        };
+        wake(waiters);
+    }
+
+    pub(crate) fn add_receiver(&self) {
+        self.lock().receivers += 1;
+    }
+
+    pub(crate) fn remove_receiver(&self) {
+        let (dropped, waiters, feeds) = {
+            let mut s = self.lock();
+            s.receivers -= 1;
+            if s.receivers > 0 {
+                return;
+            }
+            self.len.store(0, Ordering::Relaxed);
+            let dropped: Vec<Entry> = s.queue.drain(..).collect();
+            let feeds = std::mem::take(&mut s.feeds);
+            (dropped, std::mem::take(&mut s.send_waiters), feeds)
+        };
+        // Dropping the entries outside the lock: their handles may close channels that lead
+        // back here. Their credit is still returned so a session's window stays honest.
+        for e in dropped {
+            if let Some(c) = &e.credit {
+                c.consumed(&e.packet);
+            }
+        }
+        // Sessions feeding us tell their peers the receiver is gone (RESET).
+        for (conn, _) in feeds {
+            conn.receiver_gone(self);
+        }
+        wake(waiters);
+    }
+
+    /// True when nobody can receive any more: sends fail.
+    pub(crate) fn is_disconnected(&self) -> bool {
+        self.lock().receivers == 0
+    }
+
+    /// Registers a session channel that feeds this inbox (one more sender). Returns false
+    /// (and registers nothing) when no receiver is left.
+    pub(crate) fn add_feed(&self, conn: &Arc<Conn>) -> bool {
+        let mut s = self.lock();
+        if s.receivers == 0 {
+            return false;
+        }
+        s.senders += 1;
+        self.open_senders.store(s.senders, Ordering::Release);
+        match s.feeds.iter_mut().find(|(c, _)| Arc::ptr_eq(c, conn)) {
+            Some((_, n)) => *n += 1,
+            None => s.feeds.push((conn.clone(), 1)),
+        }
+        true
+    }
+
+    /// One session channel feeding this inbox ended: gracefully, or because the session broke.
+    pub(crate) fn remove_feed(&self, conn: &Conn, broken: bool) {
+        let feed = {
+            let mut s = self.lock();
+            let at = s
+                .feeds
+                .iter()
+                .position(|(c, _)| std::ptr::eq(Arc::as_ptr(c), conn));
+            match at {
+                Some(i) if s.feeds[i].1 > 1 => {
+                    s.feeds[i].1 -= 1;
+                    None
+                }
+                Some(i) => Some(s.feeds.swap_remove(i).0),
+                None => None,
+            }
+        };
+        // The last reference to a session may be this feed: drop it outside the lock.
+        drop(feed);
+        self.remove_sender(broken);
+    }
+
+    /// Pushes a message from a session feed: never blocks (credit bounds it). Returns the entry
+    /// when no receiver is left.
+    pub(crate) fn push_from_feed(&self, entry: Entry) -> Result<(), Entry> {
+        let waiters = {
+            let mut s = self.lock();
+            if s.receivers == 0 {
+                return Err(entry);
+            }
+            s.queue.push_back(entry);
+            self.len.store(s.queue.len(), Ordering::Release);
+            std::mem::take(&mut s.recv_waiters)
+        };
+        wake(waiters);
+        Ok(())
+    }
+
+    /// Pushes a message from a local sender, waiting for room as `wait` allows.
+    pub(crate) fn push(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {
+        let mut packet = Some(packet);
+        loop {
+            let mut s = self.lock();
+            if s.receivers == 0 {
+                return Err((
+                    packet.take().expect("packet is pushed once"),
+                    PushError::Disconnected,
+                ));
+            }
+            if s.queue.len() < self.cap {
+                s.queue.push_back(Entry {
+                    packet: packet.take().expect("packet is pushed once"),
+                    credit: None,
+                });
+                // pairs with the Acquire load in `pop`'s spin loop.
+                self.len.store(s.queue.len(), Ordering::Release);
+                let waiter = s.recv_waiters.pop();
+                drop(s);
+                if let Some(t) = waiter {
+                    t.unpark();
+                }
+                return Ok(());
+            }
+            if wait.expired() {
+                let kind = if matches!(wait, Wait::No) {
+                    PushError::Full
+                } else {
+                    PushError::Timeout
+                };
+                return Err((packet.take().expect("packet is pushed once"), kind));
+            }
+            let me = thread::current();
+            s.send_waiters.push(me.clone());
+            drop(s);
+            wait.park();
+            self.lock().send_waiters.retain(|t| t.id() != me.id());
+        }
+    }
+
+    /// Takes the next message, waiting as `wait` allows.
+    pub(crate) fn pop(&self, wait: Wait) -> Result<Entry, PopError> {
+        let backoff = Backoff::new();
+        loop {
+            let feed = {
+                let mut s = self.lock();
+                if let Some(e) = s.queue.pop_front() {
+                    self.len.store(s.queue.len(), Ordering::Relaxed);
+                    let waiter = s.send_waiters.pop();
+                    drop(s);
+                    if let Some(t) = waiter {
+                        t.unpark();
+                    }
+                    return Ok(e);
+                }
+                if s.senders == 0 {
+                    return Err(if s.broken {
+                        PopError::Disconnected
+                    } else {
+                        PopError::Closed
+                    });
+                }
+                if wait.expired() {
+                    return Err(if matches!(wait, Wait::No) {
+                        PopError::Empty
+                    } else {
+                        PopError::Timeout
+                    });
+                }
+                s.feeds.first().map(|(c, _)| c.clone())
+            };
+            if let Some(conn) = feed {
+                // Read the session ourselves when nobody else is: no hand-off between threads.
+                let ready = || {
+                    self.len.load(Ordering::Acquire) > 0
+                        || self.open_senders.load(Ordering::Acquire) == 0
+                };
+                match conn.drive(wait, &ready) {
+                    Drive::Progress => continue,
+                    Drive::Busy | Drive::Dead => {}
+                }
+            } else if !backoff.is_completed() {
+                // pairs with the Release store in `push`.
+                if self.len.load(Ordering::Acquire) == 0 {
+                    backoff.snooze();
+                }
+                continue;
+            }
+            let me = thread::current();
+            {
+                let mut s = self.lock();
+                if !s.queue.is_empty() || s.senders == 0 {
+                    continue;
+                }
+                s.recv_waiters.push(me.clone());
+            }
+            wait.park();
+            self.lock().recv_waiters.retain(|t| t.id() != me.id());
+        }
+    }
+
+    /// Number of queued messages.
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+}
+
+fn wake(waiters: Vec<Thread>) {
+    for t in waiters {
+        t.unpark();
+    }
+}

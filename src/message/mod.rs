@@ -1,0 +1,334 @@
+//! rkyv glue: what a message is, how it is encoded, validated and decoded.
+//!
+//! A message is any `#[derive(Archive, Serialize, Deserialize)]` type ([`Message`] is implemented
+//! for all of them). It is encoded as one rkyv archive with the format pinned in Cargo.toml
+//! (little endian, aligned, 32-bit relative pointers) plus a list of *handles*: channel ends,
+//! fds and byte streams that the archive names by index. Handles are collected while the value
+//! serializes and resolved while it deserializes, through a per-thread table that is only
+//! installed for the duration of one call ([`encode`], [`decode`]).
+//!
+//! Invariants:
+//! - the bytes handed to [`Validated::new`] are the exact archive (rkyv's root sits at the end);
+//! - a [`Validated`] never changes after it has been checked, so reading it without re-checking
+//!   is sound.
+
+mod fd;
+mod handles;
+mod stream;
+
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
+use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
+use rkyv::rancor;
+use rkyv::ser::allocator::ArenaHandle;
+use rkyv::ser::writer::{Positional, Writer};
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Portable, Serialize};
+
+pub use fd::{ArchivedFd, Fd};
+pub(crate) use handles::{deserialize_handle, serialize_handle};
+pub use handles::{ArchivedHandle, HandleIndex};
+pub use stream::{ArchivedByteStream, ByteStream};
+
+use crate::channel::Handle;
+use crate::error::{Error, InvalidMessage};
+
+/// Bytes of one message archive, 16-byte aligned.
+pub(crate) type Bytes = AlignedVec<16>;
+
+/// The serializer libchan uses. Appears in [`Message`]'s bounds only.
+#[doc(hidden)]
+pub type Ser<'a> = HighSerializer<LimitedVec, ArenaHandle<'a>, rancor::Error>;
+/// The validator libchan uses. Appears in [`Message`]'s bounds only.
+#[doc(hidden)]
+pub type Val<'a> = HighValidator<'a, rancor::Error>;
+/// The deserializer libchan uses. Appears in [`Message`]'s bounds only.
+#[doc(hidden)]
+pub type De = HighDeserializer<rancor::Error>;
+
+/// A type that can travel over a libchan channel.
+///
+/// Implemented for every type that derives rkyv's `Archive`, `Serialize` and `Deserialize` and
+/// whose archive can be validated (rkyv's `bytecheck` is on). Channel ends ([`Sender`],
+/// [`Receiver`]), [`Fd`] and [`ByteStream`] may be fields.
+///
+/// [`Sender`]: crate::Sender
+/// [`Receiver`]: crate::Receiver
+///
+/// ```
+/// #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+/// struct Job {
+///     id: u64,
+///     reply: libchan::Sender<u64>,
+/// }
+/// fn assert_message<T: libchan::Message>() {}
+/// assert_message::<Job>();
+/// ```
+pub trait Message: Archive + Send + Sized + 'static {
+    #[doc(hidden)]
+    fn encode_into(&self, out: LimitedVec) -> Result<LimitedVec, rancor::Error>;
+    #[doc(hidden)]
+    fn check(bytes: &[u8]) -> Result<&Self::Archived, rancor::Error>;
+    #[doc(hidden)]
+    fn decode_archived(archived: &Self::Archived) -> Result<Self, rancor::Error>;
+}
+
+impl<T> Message for T
+where
+    T: Archive + Send + 'static + for<'a> Serialize<Ser<'a>>,
+    T::Archived: Portable + for<'a> rkyv::bytecheck::CheckBytes<Val<'a>> + Deserialize<T, De>,
+{
+    fn encode_into(&self, out: LimitedVec) -> Result<LimitedVec, rancor::Error> {
+        rkyv::api::high::to_bytes_in(self, out)
+    }
+
+    fn check(bytes: &[u8]) -> Result<&Self::Archived, rancor::Error> {
+        rkyv::access::<T::Archived, rancor::Error>(bytes)
+    }
+
+    fn decode_archived(archived: &Self::Archived) -> Result<Self, rancor::Error> {
+        rkyv::deserialize::<T, rancor::Error>(archived)
+    }
+}
+
+/// The identity of a message type on the wire: FNV-1a 64 over the type's name followed by the
+/// size and alignment of its archive (docs/PROTOCOL.md, "Type fingerprints").
+pub fn fingerprint<T: Message>() -> u64 {
+    let mut h = Fnv::new();
+    h.write(std::any::type_name::<T>().as_bytes());
+    h.write(&(std::mem::size_of::<T::Archived>() as u32).to_le_bytes());
+    h.write(&(std::mem::align_of::<T::Archived>() as u32).to_le_bytes());
+    h.0
+}
+
+/// An encoded message: its archive and the handles the archive names by index.
+pub(crate) struct Packet {
+    pub(crate) bytes: Bytes,
+    pub(crate) handles: Vec<Handle>,
+}
+
+impl Packet {
+    /// A packet with no bytes and no handles (what is left after a failed send).
+    pub(crate) fn empty() -> Self {
+        Self {
+            bytes: Bytes::new(),
+            handles: Vec::new(),
+        }
+    }
+}
+
+/// Serializes `value` and collects its handles. Fails with `TooLarge` when the archive would
+/// exceed `limit` bytes (checked while writing, before rkyv's 32-bit offsets could overflow).
+pub(crate) fn encode<T: Message>(value: &T, limit: usize) -> Result<Packet, Error> {
+    let out = LimitedVec {
+        vec: Bytes::new(),
+        limit,
+        overflow: false,
+    };
+    let (result, handles) = collect_handles(|| value.encode_into(out));
+    match result {
+        Ok(out) if !out.overflow => Ok(Packet {
+            bytes: out.vec,
+            handles,
+        }),
+        Ok(out) => Err(Error::TooLarge {
+            size: out.vec.len(),
+            limit,
+        }),
+        Err(e) => {
+            let text = e.to_string();
+            if text.contains(OVERFLOW) {
+                Err(Error::TooLarge {
+                    size: limit + 1,
+                    limit,
+                })
+            } else {
+                Err(Error::Encode(text))
+            }
+        }
+    }
+}
+
+/// A validated archive of a `T`, ready to be read in place.
+pub(crate) struct Validated<T: Message> {
+    bytes: Bytes,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Message> Validated<T> {
+    /// Checks `bytes` as an archive of `T`.
+    pub(crate) fn new(bytes: Bytes) -> Result<Self, InvalidMessage> {
+        if let Err(e) = T::check(&bytes) {
+            return Err(InvalidMessage::new(format!(
+                "archive of {} failed validation: {e}",
+                std::any::type_name::<T>()
+            )));
+        }
+        Ok(Self {
+            bytes,
+            _t: PhantomData,
+        })
+    }
+
+    /// The archived value, read in place.
+    pub(crate) fn archived(&self) -> &T::Archived {
+        // SAFETY: `self.bytes` passed `T::check` (full bytecheck validation of a `T::Archived`
+        // rooted at the end of the slice) in `new`, and is never mutated afterwards: the field is
+        // private and no method hands out `&mut`.
+        unsafe { rkyv::access_unchecked::<T::Archived>(&self.bytes) }
+    }
+
+    /// The raw archive bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Deserializes `archived`, resolving handle fields from `table`.
+pub(crate) fn decode<T: Message>(
+    archived: &T::Archived,
+    table: &mut Vec<Option<Handle>>,
+) -> Result<T, InvalidMessage> {
+    let taken = std::mem::take(table);
+    let prev = DECODE_TABLE.with(|t| t.replace(Some(taken)));
+    let result = T::decode_archived(archived);
+    let taken = DECODE_TABLE.with(|t| t.replace(prev));
+    *table = taken.unwrap_or_default();
+    result.map_err(|e| InvalidMessage::new(format!("cannot deserialize: {e}")))
+}
+
+/// The writer rkyv serializes into: an aligned buffer that refuses to grow past a limit.
+#[doc(hidden)]
+pub struct LimitedVec {
+    vec: Bytes,
+    limit: usize,
+    overflow: bool,
+}
+
+const OVERFLOW: &str = "libchan: message exceeds the size limit";
+
+impl Positional for LimitedVec {
+    fn pos(&self) -> usize {
+        self.vec.len()
+    }
+}
+
+impl<E: rancor::Source> Writer<E> for LimitedVec {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
+        if self.vec.len() + bytes.len() > self.limit {
+            self.overflow = true;
+            return Err(E::new(LimitError));
+        }
+        self.vec.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct LimitError;
+
+impl std::fmt::Display for LimitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(OVERFLOW)
+    }
+}
+
+impl std::error::Error for LimitError {}
+
+thread_local! {
+    static ENCODE_HANDLES: RefCell<Option<Vec<Handle>>> = const { RefCell::new(None) };
+    static DECODE_TABLE: RefCell<Option<Vec<Option<Handle>>>> = const { RefCell::new(None) };
+}
+
+fn collect_handles<R>(f: impl FnOnce() -> R) -> (R, Vec<Handle>) {
+    let prev = ENCODE_HANDLES.with(|h| h.replace(Some(Vec::new())));
+    let r = f();
+    let handles = ENCODE_HANDLES.with(|h| h.replace(prev)).unwrap_or_default();
+    (r, handles)
+}
+
+/// Registers a handle with the encoding in progress on this thread; returns its index, or
+/// `None` when the value is being serialized outside libchan (by `rkyv::to_bytes` directly).
+pub(crate) fn push_handle(handle: Handle) -> Option<u32> {
+    ENCODE_HANDLES.with(|h| {
+        let mut h = h.borrow_mut();
+        let list = h.as_mut()?;
+        list.push(handle);
+        Some((list.len() - 1) as u32)
+    })
+}
+
+/// Takes handle `index` from the decoding in progress on this thread.
+pub(crate) fn take_handle(index: u32) -> Option<Handle> {
+    DECODE_TABLE.with(|t| {
+        let mut t = t.borrow_mut();
+        t.as_mut()?.get_mut(index as usize)?.take()
+    })
+}
+
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Archive, Serialize, Deserialize, Debug, PartialEq)]
+    struct Point {
+        x: i32,
+        name: String,
+    }
+
+    #[test]
+    fn round_trip() {
+        let p = Point {
+            x: -7,
+            name: "héllo".into(),
+        };
+        let packet = encode(&p, 1 << 20).unwrap();
+        assert!(packet.handles.is_empty());
+        let v = Validated::<Point>::new(packet.bytes).unwrap();
+        assert_eq!(v.archived().x, -7);
+        assert_eq!(v.archived().name, "héllo");
+        let back: Point = decode(v.archived(), &mut Vec::new()).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn too_large_is_refused_while_writing() {
+        let p = Point {
+            x: 1,
+            name: "x".repeat(1000),
+        };
+        match encode(&p, 100) {
+            Err(Error::TooLarge { limit: 100, .. }) => {}
+            other => panic!("expected TooLarge, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn garbage_fails_validation() {
+        let mut b = Bytes::new();
+        b.extend_from_slice(&[0xff; 24]);
+        assert!(Validated::<Point>::new(b).is_err());
+    }
+
+    #[test]
+    fn fingerprints_differ_by_type() {
+        assert_ne!(fingerprint::<Point>(), fingerprint::<u64>());
+        assert_eq!(fingerprint::<u64>(), fingerprint::<u64>());
+    }
+}

@@ -1,0 +1,9 @@
+//! Every system call libchan makes goes through here.
+//!
+//! The layers above see `OwnedFd`/`BorrowedFd` and `io::Result`, never raw integers. Sockets
+//! are driven non-blocking: a call that would block returns `WouldBlock`, and the caller waits
+//! with [`poll`].
+
+mod socket;
+
+pub(crate) use socket::{peer_uid, poll, recv_with_fds, send_with_fds};

@@ -1,0 +1,206 @@
+//! The two halves of a session channel in this process: `InChan` (we receive) and `OutChan`
+//! (we send), with their credit accounting, and the relay used when a handle must be proxied.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::{self, Thread};
+
+use super::conn::{Conn, Drive};
+use crate::channel::{Inbox, PushError, RecvCore, SendCore, Wait};
+use crate::message::Packet;
+use crate::proto::credit::{data_cost, RecvWindow, SendCredit};
+use crate::proto::frame;
+
+/// A channel the peer sends on: its inbox and its receive window.
+pub(crate) struct InChan {
+    conn: Weak<Conn>,
+    pub(crate) id: u32,
+    pub(crate) inbox: Arc<Inbox>,
+    window: Mutex<RecvWindow>,
+}
+
+impl InChan {
+    pub(crate) fn new(conn: &Arc<Conn>, id: u32, inbox: Arc<Inbox>) -> Arc<Self> {
+        Arc::new(Self {
+            conn: Arc::downgrade(conn),
+            id,
+            inbox,
+            window: Mutex::new(RecvWindow::new(
+                conn.limits.local_window,
+                conn.limits.max_frame,
+            )),
+        })
+    }
+
+    /// Accounts for a DATA frame of `cost` credit; an error is a protocol violation.
+    pub(crate) fn handle_data(&self, cost: u64) -> Result<(), String> {
+        self.window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handle_data(cost)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The application consumed `packet` (received it, forwarded it, or dropped it unread):
+    /// grant its credit back, in batches of half a window.
+    pub(crate) fn consumed(&self, packet: &Packet) {
+        let cost = data_cost(packet.handles.len() * 16 + packet.bytes.len());
+        let grant = self
+            .window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .consume(cost);
+        if let (Some(grant), Some(conn)) = (grant, self.conn.upgrade()) {
+            let mut buf = Vec::with_capacity(16);
+            frame::encode_credit(&mut buf, self.id, grant);
+            conn.send_control(&buf);
+        }
+    }
+}
+
+/// A channel we send on. The last `Arc` dropping closes it (CLOSE frame).
+pub(crate) struct OutChan {
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) id: u32,
+    credit: Mutex<SendCredit>,
+    reset: AtomicBool,
+    waiters: Mutex<Vec<Thread>>,
+}
+
+impl OutChan {
+    pub(crate) fn new(conn: Arc<Conn>, id: u32) -> Arc<Self> {
+        let credit = SendCredit::new(conn.limits.peer_window);
+        Arc::new(Self {
+            conn,
+            id,
+            credit: Mutex::new(credit),
+            reset: AtomicBool::new(false),
+            waiters: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn max_message(&self) -> usize {
+        self.conn.limits.max_message as usize
+    }
+
+    pub(crate) fn is_disconnected(&self) -> bool {
+        self.reset.load(Ordering::Acquire) || self.conn.is_dead()
+    }
+
+    fn try_spend(&self, cost: u64) -> bool {
+        let mut c = self.credit.lock().unwrap_or_else(|e| e.into_inner());
+        if c.can_send() {
+            c.spend(cost);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn has_credit(&self) -> bool {
+        self.credit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .can_send()
+    }
+
+    /// Sends one message, waiting for credit as `wait` allows.
+    pub(crate) fn send(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {
+        let cost = data_cost(packet.handles.len() * 16 + packet.bytes.len());
+        // Take in what the peer already sent (credit, a reset) so that a dropped receiver
+        // fails this send rather than a later one.
+        self.conn.poll_input();
+        loop {
+            if self.is_disconnected() {
+                return Err((packet, PushError::Disconnected));
+            }
+            if self.try_spend(cost) {
+                break;
+            }
+            if wait.expired() {
+                let e = if matches!(wait, Wait::No) {
+                    PushError::Full
+                } else {
+                    PushError::Timeout
+                };
+                return Err((packet, e));
+            }
+            let me = thread::current();
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(me.clone());
+            let ready = || self.has_credit() || self.is_disconnected();
+            if !ready() && self.conn.drive(wait, &ready) != Drive::Progress {
+                wait.park();
+            }
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|t| t.id() != me.id());
+        }
+        // `send` may block in the write below (the peer is reading, or will be when it next
+        // waits on the session); `try_send` and `send_timeout` must not, so they first wait,
+        // within their deadline, for the socket to take bytes.
+        if !matches!(wait, Wait::Forever) && !self.conn.wait_writable_until(wait) {
+            self.grant(cost.min(u64::from(u32::MAX)) as u32);
+            let e = if matches!(wait, Wait::No) {
+                PushError::Full
+            } else {
+                PushError::Timeout
+            };
+            return Err((packet, e));
+        }
+        self.conn
+            .send_data(self.id, packet)
+            .map_err(|e| (Packet::empty(), e))
+    }
+
+    pub(crate) fn grant(&self, n: u32) {
+        self.credit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handle_grant(n);
+        self.wake();
+    }
+
+    pub(crate) fn mark_reset(&self) {
+        self.reset.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    pub(crate) fn wake(&self) {
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in waiters {
+            t.unpark();
+        }
+    }
+}
+
+impl Drop for OutChan {
+    fn drop(&mut self) {
+        self.conn.close_outbound(self.id);
+    }
+}
+
+/// Relays every message from `rx` to `tx` on a small thread, until either side ends. Used when
+/// a handle crosses from one session to another (or a receiver leaves this process) and no
+/// direct path exists.
+pub(crate) fn spawn_proxy(rx: RecvCore, tx: SendCore) {
+    let spawned = thread::Builder::new()
+        .name("libchan-relay".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            while let Ok(entry) = rx.pop(Wait::Forever) {
+                if let Some(c) = &entry.credit {
+                    c.consumed(&entry.packet);
+                }
+                if tx.send(entry.packet, Wait::Forever).is_err() {
+                    break;
+                }
+            }
+        });
+    // Without a thread the relay cannot run: its ends drop here, so both sides see the
+    // channel close rather than hang.
+    drop(spawned);
+}

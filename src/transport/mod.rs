@@ -1,0 +1,317 @@
+//! Sessions: one connection that multiplexes any number of channels in both directions.
+//!
+//! `listen`/`connect` pick the transport from the address. This module drives the sans-io
+//! protocol (`crate::proto`) over real sockets; it holds no unsafe code.
+//!
+//! | address        | transport                                    |
+//! |----------------|----------------------------------------------|
+//! | `unix:PATH`    | unix stream socket at a filesystem path       |
+//! | `unix:@NAME`   | unix stream socket in the abstract namespace  |
+
+mod chan;
+mod conn;
+
+use std::fmt;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(crate) use chan::{InChan, OutChan};
+pub(crate) use conn::{Conn, Drive};
+
+use crate::channel::{Receiver, SendCore, Sender, Wait};
+use crate::error::Error;
+use crate::message::{fingerprint, Message};
+use crate::proto::frame::ResetReason;
+use crate::proto::handshake::Limits;
+
+/// How long a handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The transport a session runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Transport {
+    /// A unix stream socket carrying frames, with fds passed by SCM_RIGHTS.
+    Unix,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Transport::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+/// Which end of a connection this process is: it decides how channel ids are allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The side that connected (allocates odd channel ids).
+    Connector,
+    /// The side that accepted (allocates even channel ids).
+    Acceptor,
+}
+
+/// One connection to a peer, carrying any number of channels in both directions.
+///
+/// Channels opened on a session keep working after the `Session` value is dropped; the
+/// connection closes when nothing uses it any more.
+///
+/// ```
+/// let (a, b) = libchan::Session::pair().unwrap();
+/// let tx = a.open_channel::<String>().unwrap();
+/// tx.send("over a socket".to_string()).unwrap();
+/// let rx = b.accept_channel::<String>().unwrap();
+/// assert_eq!(rx.recv().unwrap().as_str(), "over a socket");
+/// ```
+pub struct Session {
+    conn: Arc<Conn>,
+}
+
+/// Accepts sessions on an address.
+pub struct Listener {
+    inner: UnixListener,
+    path: Option<PathBuf>,
+}
+
+/// Listens on `addr` (`unix:PATH` or `unix:@NAME`).
+///
+/// ```
+/// let name = format!("unix:@libchan-doc-listen-{}", std::process::id());
+/// let listener = libchan::listen(&name).unwrap();
+/// let client = std::thread::spawn(move || {
+///     let s = libchan::connect(&name).unwrap();
+///     s.open_channel::<u32>().unwrap().send(5).unwrap();
+///     s
+/// });
+/// let server = listener.accept().unwrap();
+/// assert_eq!(*server.accept_channel::<u32>().unwrap().recv().unwrap(), 5);
+/// drop(client.join().unwrap());
+/// ```
+///
+/// # Errors
+///
+/// [`Error::Address`] for an address libchan cannot serve, [`Error::Io`] when binding fails.
+pub fn listen(addr: &str) -> Result<Listener, Error> {
+    match parse(addr)? {
+        Addr::Path(path) => {
+            let inner = UnixListener::bind(&path)?;
+            Ok(Listener {
+                inner,
+                path: Some(path),
+            })
+        }
+        Addr::Abstract(name) => {
+            let a = SocketAddr::from_abstract_name(name.as_bytes())?;
+            Ok(Listener {
+                inner: UnixListener::bind_addr(&a)?,
+                path: None,
+            })
+        }
+    }
+}
+
+/// Connects to a listener at `addr` (`unix:PATH` or `unix:@NAME`).
+///
+/// # Errors
+///
+/// [`Error::Address`] for an address libchan cannot reach, [`Error::Io`] when nothing listens
+/// there, [`Error::Handshake`] when the peer is not a compatible libchan.
+pub fn connect(addr: &str) -> Result<Session, Error> {
+    let stream = match parse(addr)? {
+        Addr::Path(path) => UnixStream::connect(path)?,
+        Addr::Abstract(name) => {
+            UnixStream::connect_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?
+        }
+    };
+    Session::from_unix_stream(stream, Role::Connector)
+}
+
+impl Listener {
+    /// Waits for the next peer and completes its handshake.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when accepting fails, [`Error::Handshake`] when the peer is not a
+    /// compatible libchan (the listener stays usable).
+    pub fn accept(&self) -> Result<Session, Error> {
+        let (stream, _) = self.inner.accept()?;
+        Session::from_unix_stream(stream, Role::Acceptor)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Session {
+    /// A connected pair of sessions over a socket pair: one end for this process, the other
+    /// for a thread or (through [`Session::from_unix_stream`]) a child process.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the system is out of descriptors.
+    pub fn pair() -> Result<(Session, Session), Error> {
+        let (a, b) = conn::pair(Limits::default())?;
+        Ok((Session { conn: a }, Session { conn: b }))
+    }
+
+    /// Runs the handshake over an already connected unix stream (for example one inherited
+    /// from a parent process). The two ends must pass opposite roles.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Handshake`] when the peer is not a compatible libchan or does not answer in
+    /// ten seconds.
+    pub fn from_unix_stream(stream: UnixStream, role: Role) -> Result<Session, Error> {
+        let conn = Conn::establish(
+            stream,
+            role == Role::Connector,
+            Limits::default(),
+            HANDSHAKE_TIMEOUT,
+        )?;
+        Ok(Session { conn })
+    }
+
+    /// Opens a channel to the peer, which receives it with [`accept_channel`]. Messages can
+    /// be sent at once, before the peer accepts (they wait in the peer's window).
+    ///
+    /// [`accept_channel`]: Session::accept_channel
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Disconnected`] when the session is closed.
+    pub fn open_channel<T: Message>(&self) -> Result<Sender<T>, Error> {
+        let out = self.conn.open(fingerprint::<T>())?;
+        Ok(Sender::from_core(SendCore::Remote(out)))
+    }
+
+    /// Waits for the next channel the peer opens.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TypeMismatch`] when the peer opened it for another message type (the channel
+    /// is refused and the peer's sends fail), [`Error::Disconnected`] when the session closed.
+    pub fn accept_channel<T: Message>(&self) -> Result<Receiver<T>, Error> {
+        self.accept_with(Wait::Forever)
+    }
+
+    /// Like [`accept_channel`](Session::accept_channel), waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As `accept_channel`, plus [`Error::Timeout`].
+    pub fn accept_channel_timeout<T: Message>(
+        &self,
+        timeout: Duration,
+    ) -> Result<Receiver<T>, Error> {
+        let wait = Instant::now()
+            .checked_add(timeout)
+            .map_or(Wait::Forever, Wait::Until);
+        self.accept_with(wait)
+    }
+
+    fn accept_with<T: Message>(&self, wait: Wait) -> Result<Receiver<T>, Error> {
+        let (id, found, rx) = self.conn.accept(wait)?;
+        let expected = fingerprint::<T>();
+        if found != expected {
+            drop(rx);
+            self.conn
+                .refuse(id, ResetReason::TypeMismatch, "message type mismatch");
+            return Err(Error::TypeMismatch { expected, found });
+        }
+        Ok(Receiver::from_core(rx))
+    }
+
+    /// The transport this session runs on.
+    pub fn transport(&self) -> Transport {
+        Transport::Unix
+    }
+
+    /// True once the session broke or was closed.
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_dead()
+    }
+
+    /// Why the session closed, if it did.
+    pub fn close_reason(&self) -> Option<String> {
+        self.conn.error()
+    }
+
+    /// The peer's user id, as the kernel reports it (SO_PEERCRED).
+    pub fn peer_uid(&self) -> Option<u32> {
+        self.conn.peer_uid()
+    }
+
+    /// Channels the session currently tracks, in both directions.
+    pub fn channel_count(&self) -> usize {
+        self.conn.channel_count()
+    }
+
+    /// Closes the session now: every channel on it breaks (`Disconnected`) on both sides.
+    /// Closing twice is harmless.
+    pub fn close(&self) {
+        self.conn.fail("closed locally");
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("transport", &self.transport())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener").finish_non_exhaustive()
+    }
+}
+
+enum Addr {
+    Path(PathBuf),
+    Abstract(String),
+}
+
+fn parse(addr: &str) -> Result<Addr, Error> {
+    let Some(rest) = addr.strip_prefix("unix:") else {
+        return Err(Error::Address(format!(
+            "{addr:?}: expected unix:PATH or unix:@NAME (other transports are not built yet)"
+        )));
+    };
+    if let Some(name) = rest.strip_prefix('@') {
+        if name.is_empty() || name.len() > 100 {
+            return Err(Error::Address(format!(
+                "{addr:?}: bad abstract socket name"
+            )));
+        }
+        return Ok(Addr::Abstract(name.to_string()));
+    }
+    if rest.is_empty() {
+        return Err(Error::Address(format!("{addr:?}: empty path")));
+    }
+    Ok(Addr::Path(PathBuf::from(rest)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        assert!(matches!(parse("unix:/tmp/x"), Ok(Addr::Path(_))));
+        assert!(matches!(parse("unix:@n"), Ok(Addr::Abstract(_))));
+        assert!(matches!(parse("tcp://1.2.3.4:5"), Err(Error::Address(_))));
+        assert!(matches!(parse("unix:"), Err(Error::Address(_))));
+        assert!(matches!(parse("unix:@"), Err(Error::Address(_))));
+    }
+}

@@ -1,0 +1,91 @@
+//! Quick end-to-end checks of the core paths.
+
+use libchan::*;
+use std::io::{Read, Write};
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Req {
+    n: u32,
+    reply: Sender<u32>,
+    stream: ByteStream,
+}
+
+#[test]
+fn mem_req_reply() {
+    let (tx, rx) = pipe::<Req>();
+    let (rtx, rrx) = pipe::<u32>();
+    let (mut a, b) = ByteStream::pair().unwrap();
+    tx.send(Req {
+        n: 1,
+        reply: rtx,
+        stream: b,
+    })
+    .unwrap();
+    let m = rx.recv().unwrap();
+    let r = m.take(&m.reply).unwrap();
+    let mut s = m.take(&m.stream).unwrap();
+    r.send(m.n.to_native() + 1).unwrap();
+    assert_eq!(*rrx.recv().unwrap(), 2);
+    s.write_all(b"x").unwrap();
+    let mut buf = [0u8; 1];
+    a.read_exact(&mut buf).unwrap();
+}
+
+#[test]
+fn unix_req_reply() {
+    let (a, b) = Session::pair().unwrap();
+    let tx = a.open_channel::<Req>().unwrap();
+    let (rtx, rrx) = pipe::<u32>();
+    let (mut sa, sb) = ByteStream::pair().unwrap();
+    tx.send(Req {
+        n: 41,
+        reply: rtx,
+        stream: sb,
+    })
+    .unwrap();
+    let t = std::thread::spawn(move || {
+        let rx = b.accept_channel::<Req>().unwrap();
+        let m = rx.recv().unwrap();
+        let r = m.take(&m.reply).unwrap();
+        let mut s = m.take(&m.stream).unwrap();
+        s.write_all("é".as_bytes()).unwrap();
+        r.send(m.n.to_native() + 1).unwrap();
+        b
+    });
+    assert_eq!(*rrx.recv().unwrap(), 42);
+    let mut buf = [0u8; 2];
+    sa.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, "é".as_bytes());
+    let _b = t.join().unwrap();
+    drop(tx);
+}
+
+#[test]
+fn unix_close_and_disconnect() {
+    let (a, b) = Session::pair().unwrap();
+    let tx = a.open_channel::<u64>().unwrap();
+    let t = std::thread::spawn(move || {
+        for i in 0..1000 {
+            tx.send(i).unwrap();
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let rx = b.accept_channel::<u64>().unwrap();
+    for i in 0..1000 {
+        assert_eq!(*rx.recv().unwrap(), i);
+    }
+    t.join().unwrap();
+    assert_eq!(rx.recv().unwrap_err(), RecvError::Closed);
+    let tx = a.open_channel::<u64>().unwrap();
+    let rx = b.accept_channel::<u64>().unwrap();
+    drop(rx);
+    let mut failed = false;
+    for i in 0..100 {
+        if tx.send(i).is_err() {
+            failed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(failed);
+}
