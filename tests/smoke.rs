@@ -89,3 +89,50 @@ fn unix_close_and_disconnect() {
     }
     assert!(failed);
 }
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Sub {
+    reply: Sender<u32>,
+}
+
+/// One inbox fed by a local sender and by two sessions at once: every source wakes the
+/// receiver, whichever socket it is blocked on.
+#[test]
+fn mixed_sources_wake_the_receiver() {
+    let (a1, b1) = Session::pair().unwrap();
+    let (a2, b2) = Session::pair().unwrap();
+    let (tx, rx) = pipe::<u32>();
+    for (a, b, base) in [(a1, b1, 100u32), (a2, b2, 200u32)] {
+        a.open_channel::<Sub>()
+            .unwrap()
+            .send(Sub { reply: tx.clone() })
+            .unwrap();
+        std::thread::spawn(move || {
+            let subs = b.accept_channel::<Sub>().unwrap();
+            let m = subs.recv().unwrap();
+            let reply = m.take(&m.reply).unwrap();
+            for i in 0..3 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                reply.send(base + i).unwrap();
+            }
+            drop(a);
+        });
+    }
+    let local = tx.clone();
+    std::thread::spawn(move || {
+        for i in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            local.send(i).unwrap();
+        }
+    });
+    drop(tx);
+    let mut got = Vec::new();
+    while got.len() < 9 {
+        match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(m) => got.push(m.to_native()),
+            Err(e) => panic!("after {got:?}: {e}"),
+        }
+    }
+    got.sort();
+    assert_eq!(got, [0, 1, 2, 100, 101, 102, 200, 201, 202]);
+}

@@ -48,6 +48,8 @@ struct State {
     broken: bool,
     /// Sessions that push into this inbox, each with the number of its channels that do.
     feeds: Vec<(Arc<Conn>, usize)>,
+    /// The session a receiver is blocked reading right now: a local push rings its doorbell.
+    driving: Option<Arc<Conn>>,
     recv_waiters: Vec<Thread>,
     send_waiters: Vec<Thread>,
 }
@@ -111,6 +113,7 @@ impl Inbox {
                 receivers: 1,
                 broken: false,
                 feeds: Vec::new(),
+                driving: None,
                 recv_waiters: Vec::new(),
                 send_waiters: Vec::new(),
             }),
@@ -197,6 +200,14 @@ impl Inbox {
         true
     }
 
+    /// True when a session other than `conn` feeds this inbox.
+    pub(crate) fn fed_by_other(&self, conn: &Conn) -> bool {
+        self.lock()
+            .feeds
+            .iter()
+            .any(|(c, _)| !std::ptr::eq(Arc::as_ptr(c), conn))
+    }
+
     /// One session channel feeding this inbox ended: gracefully, or because the session broke.
     pub(crate) fn remove_feed(&self, conn: &Conn, broken: bool) {
         let feed = {
@@ -254,9 +265,13 @@ impl Inbox {
                 // pairs with the Acquire load in `pop`'s spin loop.
                 self.len.store(s.queue.len(), Ordering::Release);
                 let waiter = s.recv_waiters.pop();
+                let driving = s.driving.clone();
                 drop(s);
                 if let Some(t) = waiter {
                     t.unpark();
+                }
+                if let Some(conn) = driving {
+                    conn.interrupt();
                 }
                 return Ok(());
             }
@@ -305,7 +320,9 @@ impl Inbox {
                         PopError::Timeout
                     });
                 }
-                s.feeds.first().map(|(c, _)| c.clone())
+                let feed = s.feeds.first().map(|(c, _)| c.clone());
+                s.driving.clone_from(&feed);
+                feed
             };
             if let Some(conn) = feed {
                 // Read the session ourselves when nobody else is: no hand-off between threads.
@@ -313,7 +330,9 @@ impl Inbox {
                     self.len.load(Ordering::Acquire) > 0
                         || self.open_senders.load(Ordering::Acquire) == 0
                 };
-                match conn.drive(wait, &ready) {
+                let drove = conn.drive(wait, &ready);
+                self.lock().driving = None;
+                match drove {
                     Drive::Progress => continue,
                     Drive::Busy | Drive::Dead => {}
                 }

@@ -5,5 +5,7 @@
 //! with [`poll`].
 
 mod socket;
+mod wake;
 
-pub(crate) use socket::{peer_uid, poll, recv_with_fds, send_with_fds};
+pub(crate) use socket::{peer_uid, poll, poll_with_doorbell, recv_with_fds, send_with_fds};
+pub(crate) use wake::Doorbell;

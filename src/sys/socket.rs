@@ -116,6 +116,41 @@ pub(crate) fn poll(
     })
 }
 
+/// Like [`poll`] on `fd`, also returning when `doorbell` becomes readable (`Ok(None)`).
+pub(crate) fn poll_with_doorbell(
+    fd: BorrowedFd<'_>,
+    doorbell: BorrowedFd<'_>,
+    write: bool,
+    timeout: Option<Duration>,
+) -> io::Result<Option<Readiness>> {
+    let mut events = PollFlags::IN;
+    if write {
+        events |= PollFlags::OUT;
+    }
+    let mut fds = [
+        PollFd::from_borrowed_fd(fd, events),
+        PollFd::from_borrowed_fd(doorbell, PollFlags::IN),
+    ];
+    let ts = timeout.map(|d| Timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: i64::from(d.subsec_nanos()),
+    });
+    match rustix::event::poll(&mut fds, ts.as_ref()) {
+        Ok(_) => {}
+        Err(rustix::io::Errno::INTR) => return Ok(Some(Readiness::default())),
+        Err(e) => return Err(e.into()),
+    }
+    if fds[1].revents().contains(PollFlags::IN) {
+        return Ok(None);
+    }
+    let r = fds[0].revents();
+    let bad = r.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL);
+    Ok(Some(Readiness {
+        readable: r.contains(PollFlags::IN) || bad,
+        writable: r.contains(PollFlags::OUT) || bad,
+    }))
+}
+
 /// The user id of the process at the other end of a unix socket (SO_PEERCRED).
 pub(crate) fn peer_uid(socket: BorrowedFd<'_>) -> io::Result<u32> {
     let cred = rustix::net::sockopt::socket_peercred(socket)?;

@@ -60,6 +60,8 @@ pub(crate) struct Conn {
     dead: AtomicBool,
     /// A flusher thread is running (see `spawn_flusher`).
     flushing: AtomicBool,
+    /// Interrupts the reader's `poll` when a local sender fills an inbox it waits on.
+    doorbell: sys::Doorbell,
 }
 
 struct Reader {
@@ -144,6 +146,7 @@ impl Conn {
         }
         let limits = hs.poll_outcome().expect("checked by the loop above");
         let peer_uid = sys::peer_uid(sock.as_fd()).ok();
+        let doorbell = sys::Doorbell::new()?;
         Ok(Arc::new_cyclic(|me| Conn {
             me: me.clone(),
             sock,
@@ -169,6 +172,7 @@ impl Conn {
             }),
             dead: AtomicBool::new(false),
             flushing: AtomicBool::new(false),
+            doorbell,
         }))
     }
 
@@ -344,8 +348,12 @@ impl Conn {
                     Handle::Sender(core, fp) => {
                         let id = alloc(&mut t)?;
                         let inbox = match core {
-                            SendCore::Local(ref inbox) => inbox.clone(),
-                            SendCore::Remote(_) => {
+                            SendCore::Local(ref inbox) if !inbox.fed_by_other(self) => {
+                                inbox.clone()
+                            }
+                            // An inbox reads at most one session itself; a second session, or
+                            // a sender into another session, goes through a relay.
+                            SendCore::Local(_) | SendCore::Remote(_) => {
                                 // A sender into another session: relay through a local inbox.
                                 let inbox = Inbox::new(DEFAULT_CAPACITY);
                                 proxies.push((RecvCore::new(inbox.clone()), core.clone()));
@@ -603,6 +611,19 @@ impl Conn {
         }
     }
 
+    /// Interrupts the thread blocked reading this session, so it re-checks its condition.
+    pub(crate) fn interrupt(&self) {
+        self.doorbell.ring();
+    }
+
+    /// Refuses every channel the peer opened that was not accepted (the session handle is
+    /// gone, so nobody can accept them any more).
+    pub(crate) fn refuse_pending(&self) {
+        let pending: Vec<_> = self.lock_table().accepts.drain(..).collect();
+        // Dropping each receiver resets its channel (`receiver_gone`).
+        drop(pending);
+    }
+
     /// Reads the session on this thread until `cond` holds, the wait runs out, or the session
     /// dies, if no other thread is reading it.
     pub(crate) fn drive(self: &Arc<Self>, wait: Wait, cond: &dyn Fn() -> bool) -> Drive {
@@ -636,9 +657,11 @@ impl Conn {
                 _ => None,
             };
             let want_write = !self.control_is_empty();
-            match sys::poll(self.sock.as_fd(), true, want_write, timeout) {
-                Ok(r) if r.writable && want_write => self.try_flush_control(),
-                Ok(_) => {}
+            let bell = self.doorbell.as_fd();
+            match sys::poll_with_doorbell(self.sock.as_fd(), bell, want_write, timeout) {
+                Ok(Some(r)) if r.writable && want_write => self.try_flush_control(),
+                Ok(Some(_)) => {}
+                Ok(None) => self.doorbell.clear(),
                 Err(e) => self.fail(&format!("poll failed: {e}")),
             }
         }
