@@ -37,6 +37,8 @@ pub(crate) struct Inbox {
     len: AtomicUsize,
     /// Copy of `State::senders`, so a reader of a session sees a close without the lock.
     open_senders: AtomicUsize,
+    /// Copy of `State::receivers`, so a sender sees a disconnect without the lock.
+    open_receivers: AtomicUsize,
     cap: usize,
 }
 
@@ -119,6 +121,7 @@ impl Inbox {
             }),
             len: AtomicUsize::new(0),
             open_senders: AtomicUsize::new(0),
+            open_receivers: AtomicUsize::new(1),
             cap: cap.max(1),
         })
     }
@@ -150,13 +153,16 @@ impl Inbox {
     }
 
     pub(crate) fn add_receiver(&self) {
-        self.lock().receivers += 1;
+        let mut s = self.lock();
+        s.receivers += 1;
+        self.open_receivers.store(s.receivers, Ordering::Release);
     }
 
     pub(crate) fn remove_receiver(&self) {
         let (dropped, waiters, feeds) = {
             let mut s = self.lock();
             s.receivers -= 1;
+            self.open_receivers.store(s.receivers, Ordering::Release);
             if s.receivers > 0 {
                 return;
             }
@@ -181,7 +187,8 @@ impl Inbox {
 
     /// True when nobody can receive any more: sends fail.
     pub(crate) fn is_disconnected(&self) -> bool {
-        self.lock().receivers == 0
+        // pairs with the Release stores in `add_receiver`/`remove_receiver`.
+        self.open_receivers.load(Ordering::Acquire) == 0
     }
 
     /// Registers a session channel that feeds this inbox (one more sender). Returns false

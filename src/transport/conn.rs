@@ -315,6 +315,9 @@ impl Conn {
             fds: Vec::new(),
             resets: Vec::new(),
         };
+        if handles.is_empty() {
+            return Ok(out);
+        }
         let mut proxies = Vec::new();
         {
             let mut t = self.lock_table();
