@@ -152,6 +152,12 @@ impl Inbox {
         wake(waiters);
     }
 
+    /// Records that a source of this inbox broke (its session died): once every sender is
+    /// gone, receivers get `Disconnected` rather than `Closed`.
+    pub(crate) fn mark_broken(&self) {
+        self.lock().broken = true;
+    }
+
     pub(crate) fn add_receiver(&self) {
         let mut s = self.lock();
         s.receivers += 1;

@@ -13,7 +13,7 @@ mod sender;
 
 pub use copy::{copy, CopyError};
 pub(crate) use handle::{Handle, RecvCore, SendCore};
-pub(crate) use inbox::{Entry, Inbox, PushError, Wait};
+pub(crate) use inbox::{Entry, Inbox, PopError, PushError, Wait};
 pub use receiver::{ArchivedReceiver, Msg, Receiver};
 pub use sender::{ArchivedSender, Sender};
 

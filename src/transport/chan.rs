@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, Thread};
 
 use super::conn::{Conn, Drive};
-use crate::channel::{Inbox, PushError, RecvCore, SendCore, Wait};
+use crate::channel::{Inbox, PopError, PushError, RecvCore, SendCore, Wait};
 use crate::message::Packet;
 use crate::proto::credit::{data_cost, RecvWindow, SendCredit};
 use crate::proto::frame;
@@ -190,14 +190,24 @@ pub(crate) fn spawn_proxy(rx: RecvCore, tx: SendCore) {
     let spawned = thread::Builder::new()
         .name("libchan-relay".into())
         .stack_size(128 * 1024)
-        .spawn(move || {
-            while let Ok(entry) = rx.pop(Wait::Forever) {
-                if let Some(c) = &entry.credit {
-                    c.consumed(&entry.packet);
+        .spawn(move || loop {
+            match rx.pop(Wait::Forever) {
+                Ok(entry) => {
+                    if let Some(c) = &entry.credit {
+                        c.consumed(&entry.packet);
+                    }
+                    if tx.send(entry.packet, Wait::Forever).is_err() {
+                        return;
+                    }
                 }
-                if tx.send(entry.packet, Wait::Forever).is_err() {
-                    break;
+                Err(PopError::Disconnected) => {
+                    // The source broke: so does the channel behind the relay.
+                    if let SendCore::Local(inbox) = &tx {
+                        inbox.mark_broken();
+                    }
+                    return;
                 }
+                Err(_) => return,
             }
         });
     // Without a thread the relay cannot run: its ends drop here, so both sides see the
