@@ -320,10 +320,26 @@ mod tests {
     }
 
     #[test]
-    fn garbage_fails_validation() {
-        let mut b = Bytes::new();
-        b.extend_from_slice(&[0xff; 24]);
-        assert!(Validated::<Point>::new(b).is_err());
+    fn invalid_utf8_fails_validation() {
+        let p = encode(
+            &Point {
+                x: 1,
+                name: "ab".into(),
+            },
+            1 << 20,
+        )
+        .unwrap();
+        let at = p
+            .bytes
+            .windows(2)
+            .position(|w| w == b"ab")
+            .expect("short strings are stored inline");
+        let mut bad = Bytes::new();
+        bad.extend_from_slice(&p.bytes);
+        bad[at] = 0xc3;
+        bad[at + 1] = 0x28;
+        assert!(Validated::<Point>::new(p.bytes).is_ok());
+        assert!(Validated::<Point>::new(bad).is_err());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! There is no I/O thread. A thread that must wait on the session (a `recv` on a channel the
 //! session feeds, a `send` short of credit, an `accept_channel`) takes the *reader seat* if it is
 //! free and reads the socket itself, dispatching every frame it finds: its own message costs it
-//! one kernel wake-up, not two (DEVELOPERS.md: a cross-core wake-up is ~33 us here). Threads that
+//! one kernel wake-up, not two (a cross-core wake-up costs ~33 us on the
+//! virtual machines libchan is developed on). Threads that
 //! find the seat taken park, and are unparked by the reader when their frame arrives or when it
 //! leaves the seat.
 //!
@@ -918,6 +919,20 @@ impl Conn {
         frame::encode_goaway(&mut buf, GoAwayReason::ProtocolError, &text);
         let _ = sys::send_with_fds(self.sock.as_fd(), &[IoSlice::new(&buf)], &[]);
         self.fail(&format!("protocol violation by peer: {reason}"));
+    }
+
+    /// Closes the session from this side: GOAWAY (best effort), then everything breaks.
+    pub(crate) fn close(&self) {
+        if self.is_dead() {
+            return;
+        }
+        let mut buf = Vec::new();
+        frame::encode_goaway(&mut buf, GoAwayReason::Normal, "closed by peer");
+        if let Ok(_guard) = self.writer.lock() {
+            let _ = self.flush_control(false);
+            let _ = sys::send_with_fds(self.sock.as_fd(), &[IoSlice::new(&buf)], &[]);
+        }
+        self.fail("closed locally");
     }
 
     /// Marks the session dead and wakes everything that waits on it. Idempotent.

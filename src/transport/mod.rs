@@ -258,7 +258,7 @@ impl Session {
     /// Closes the session now: every channel on it breaks (`Disconnected`) on both sides.
     /// Closing twice is harmless.
     pub fn close(&self) {
-        self.conn.fail("closed locally");
+        self.conn.close();
     }
 }
 

@@ -1,0 +1,1328 @@
+//! A single-producer single-consumer ring of variable-size byte records.
+//!
+//! # Layout
+//!
+//! ```text
+//! region:  | head line (128 B) | tail line (128 B) | data area (capacity bytes, a power of two) |
+//! record:  | commit word u32 | reserved (12 B) | payload (len B) | pad to 16 |
+//! ```
+//!
+//! `head` (written by the consumer) and `tail` (written by the producer) are `u64` byte
+//! positions that only grow; a position's place in the data area is `pos & (capacity - 1)`.
+//! Each sits alone on its own 128-byte line, so the two sides never write the same line. Records
+//! are 16-byte aligned (so payloads are too) and never straddle the end of the data area: when a
+//! record does not fit before the end, a padding record fills the rest and the record starts at
+//! offset 0. A record takes at most half the data area, so it always fits in an empty ring
+//! whatever the wrap point.
+//!
+//! # Protocol
+//!
+//! - The producer *reserves* space: it checks `tail + size - head <= capacity` against its cached
+//!   copy of `head` (reloading `head` only when that check fails), writes padding if needed, zeroes
+//!   the new record's commit word ("reserved, not committed"), then moves `tail` (Release).
+//! - It writes the payload and *commits* by storing the length into the commit word (Release):
+//!   length-as-commit. Dropping an uncommitted grant stores a padding word instead, so the
+//!   consumer never stalls behind an abandoned loan.
+//! - The consumer reads records from its cursor up to its cached copy of `tail` (reloading `tail`
+//!   only when the cursor reaches it); a zero commit word means "not committed yet". It loads the
+//!   commit word with Acquire, reads the payload, and later *releases*: it stores `head` (Release),
+//!   handing the bytes back to the producer. Releases may be batched.
+//!
+//! Why it is correct, in short: the zeroed commit word is published by the `tail` Release, so a
+//! consumer that sees `tail` cover a record never reads a stale word from the previous lap; the
+//! payload is published by the commit word's Release; the consumer's reads of a record happen
+//! before the producer overwrites it, through the `head` Release/Acquire pair.
+//!
+//! The algorithm is the classic Lamport ring with cached indices (as in folly's
+//! `ProducerConsumerQueue` and rigtorp's `SPSCQueue`), over variable-size records with a commit
+//! word and end-of-buffer padding as in Aeron's log buffers.
+//!
+//! # Trust
+//!
+//! Each side reads only the index its peer writes (`head` for the producer, `tail` for the
+//! consumer) and the commit words, and checks every value before use: a value no correct peer
+//! writes is [`Corrupt`], and a corrupt ring stays corrupt. The producer never reads `tail` back
+//! from the region, nor the consumer `head`: each keeps its own index privately. All accesses to
+//! data bytes are raw-pointer copies at offsets masked into the data area, so a hostile peer can
+//! make the ring deliver garbage, never read or write outside the region.
+//!
+//! # Limitations (for the shared-memory issue)
+//!
+//! - One producer: a `Sender` shared by several threads or processes needs an MPSC variant
+//!   (reservation by CAS on `tail`; then the consumer must zero released bytes instead, because
+//!   the producer can no longer zero a commit word before publishing `tail`).
+//! - Release is in order ("release everything up to this record"); a guard dropped out of order
+//!   must wait for the ones before it.
+//! - No waiting: callers spin or park; the futex doorbell comes with the transport.
+
+use std::mem::{size_of, ManuallyDrop};
+use std::ptr;
+use std::sync::Arc;
+
+use super::atomic::{AtomicU32, AtomicU64, Ordering};
+use super::region::{HeapRegion, Region, REGION_ALIGN};
+use super::Corrupt;
+
+/// Bytes taken by the ring header (the `head` and `tail` lines) at the start of the region.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const HEADER_SIZE: usize = size_of::<Header>();
+
+/// Bytes taken by each record's header, before its payload.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const RECORD_HEADER: usize = 16;
+
+/// Alignment of every record, and so of every payload.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const RECORD_ALIGN: usize = 16;
+
+/// Smallest data area: room for two records of one 16-byte payload each.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const MIN_CAPACITY: usize = 64;
+
+/// Largest data area: record sizes must fit in the 30 length bits of a commit word.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const MAX_CAPACITY: usize = 1 << 30;
+
+/// Commit word tags (top two bits); the low 30 bits hold a length. A zero word is "reserved, not
+/// committed yet".
+const TAG_MASK: u32 = 0b11 << 30;
+/// A data record: the low bits are the payload length.
+const TAG_DATA: u32 = 0b10 << 30;
+/// A padding record: the low bits are the record's total size, header included.
+const TAG_PAD: u32 = 0b01 << 30;
+const LEN_MASK: u32 = !TAG_MASK;
+
+/// The length of a region that holds a ring with `capacity` bytes of data area.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const fn region_len(capacity: usize) -> usize {
+    HEADER_SIZE + capacity
+}
+
+/// Creates a ring with `capacity` bytes of data area on the heap and returns its two ends.
+///
+/// # Panics
+///
+/// If `capacity` is not a power of two between [`MIN_CAPACITY`] and [`MAX_CAPACITY`].
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn pair(capacity: usize) -> (Producer<Arc<HeapRegion>>, Consumer<Arc<HeapRegion>>) {
+    assert!(
+        capacity_of(region_len(capacity)).is_ok(),
+        "ring capacity must be a power of two in {MIN_CAPACITY}..={MAX_CAPACITY}, not {capacity}"
+    );
+    let region = Arc::new(HeapRegion::new(region_len(capacity)));
+    let for_producer = Arc::clone(&region);
+    // SAFETY: `attach` requires that no other producer is attached to this ring; the region was
+    // allocated just above and only this function attaches a producer to it.
+    let producer = unsafe { Producer::attach(for_producer) };
+    // SAFETY: `attach` requires that no other consumer is attached to this ring; the region was
+    // allocated just above and only this function attaches a consumer to it.
+    let consumer = unsafe { Consumer::attach(region) };
+    // Invariant: a zero-filled region of a valid capacity is a valid empty ring.
+    (
+        producer.expect("a fresh ring is valid"),
+        consumer.expect("a fresh ring is valid"),
+    )
+}
+
+/// The writing end of a ring.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug)]
+pub(crate) struct Producer<R: Region> {
+    ring: Ring<R>,
+    /// Our own index: where the next reservation starts. Never read back from the region.
+    tail: u64,
+    /// The consumer's `head` as last loaded; `tail - cached_head <= capacity` always holds.
+    cached_head: u64,
+    corrupt: Option<Corrupt>,
+}
+
+/// Space reserved in the ring, to be written and then committed (a loan).
+///
+/// Dropping a grant without committing it turns it into padding, which the consumer skips.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug)]
+pub(crate) struct Grant<'a, R: Region> {
+    producer: &'a mut Producer<R>,
+    /// Position of the record header.
+    pos: u64,
+    len: usize,
+}
+
+/// The reading end of a ring.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug)]
+pub(crate) struct Consumer<R: Region> {
+    ring: Ring<R>,
+    /// Our own index as last published: bytes before it belong to the producer again.
+    head: u64,
+    /// Where the next record starts: records in `head..read` are consumed, not yet released.
+    read: u64,
+    /// The producer's `tail` as last loaded; `read <= cached_tail <= head + capacity`.
+    cached_tail: u64,
+    corrupt: Option<Corrupt>,
+}
+
+/// A committed record: its position in the ring and its payload length.
+///
+/// Read its bytes through the [`Consumer`] that returned it, until it is released.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Record {
+    pos: u64,
+    len: u32,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl<R: Region> Producer<R> {
+    /// Attaches the writing end to the ring laid out in `region`, at the ring's current `tail`.
+    ///
+    /// # Errors
+    ///
+    /// [`Corrupt`] if the region's length is not a valid ring size, its base is misaligned, or
+    /// `head`/`tail` are inconsistent.
+    ///
+    /// # Safety
+    ///
+    /// No other `Producer` is attached to this ring, in this process or any other that maps the
+    /// region, while this one lives: two producers would write the same bytes concurrently.
+    pub(crate) unsafe fn attach(region: R) -> Result<Self, Corrupt> {
+        let ring = Ring::new(region)?;
+        // Acquire: pairs with the Release store of `tail` by a previous producer, if any.
+        let tail = ring.header().tail.index.load(Ordering::Acquire);
+        // Acquire: pairs with the Release store of `head` in `Consumer::publish_head`.
+        let head = ring.header().head.index.load(Ordering::Acquire);
+        if tail % RECORD_ALIGN as u64 != 0 || head % RECORD_ALIGN as u64 != 0 {
+            return Err(Corrupt::new("index is not 16-byte aligned"));
+        }
+        if tail.wrapping_sub(head) > ring.cap as u64 {
+            return Err(Corrupt::new("tail is not within a capacity ahead of head"));
+        }
+        Ok(Self {
+            ring,
+            tail,
+            cached_head: head,
+            corrupt: None,
+        })
+    }
+
+    /// Size of the data area in bytes.
+    pub(crate) fn capacity(&self) -> usize {
+        self.ring.cap
+    }
+
+    /// The largest payload a record can carry: half the data area, less the record header.
+    pub(crate) fn max_len(&self) -> usize {
+        self.ring.max_len()
+    }
+
+    /// The region the ring lives in.
+    pub(crate) fn region(&self) -> &R {
+        &self.ring.region
+    }
+
+    /// Reserves a record with a `len`-byte payload, to write and then [`Grant::commit`].
+    ///
+    /// Returns `Ok(None)` when the ring has no room now, or ever if `len > max_len()`. Only one
+    /// grant exists at a time (it borrows the producer).
+    ///
+    /// # Errors
+    ///
+    /// [`Corrupt`] if the consumer's `head` is misaligned or outside `[previous head, tail]`.
+    /// Once corrupt, every later call fails the same way.
+    pub(crate) fn reserve(&mut self, len: usize) -> Result<Option<Grant<'_, R>>, Corrupt> {
+        if let Some(corrupt) = self.corrupt {
+            return Err(corrupt);
+        }
+        if len > self.ring.max_len() {
+            return Ok(None);
+        }
+        let size = record_size(len);
+        let off = self.ring.offset(self.tail);
+        let pad = if size > self.ring.cap - off {
+            self.ring.cap - off
+        } else {
+            0
+        };
+        let need = (pad + size) as u64;
+        let cap = self.ring.cap as u64;
+        if self.tail - self.cached_head + need > cap {
+            // Acquire: pairs with the Release store of `head` in `Consumer::publish_head`, so the
+            // consumer's reads of the bytes it released happen before we overwrite them.
+            let head = self.ring.header().head.index.load(Ordering::Acquire);
+            self.cached_head = self.check_head(head)?;
+            if self.tail - self.cached_head + need > cap {
+                return Ok(None);
+            }
+        }
+        if pad > 0 {
+            // Relaxed: published by the Release store of `tail` below. `pad` is at least 16 (both
+            // `off` and the capacity are multiples of 16) and below 2^30 (capacity cap).
+            self.ring
+                .word(off)
+                .store(TAG_PAD | pad as u32, Ordering::Relaxed);
+        }
+        let pos = self.tail + pad as u64;
+        // Relaxed: the word may still hold bytes from the previous lap; zero marks the record
+        // "reserved, not committed" and is published by the Release store of `tail` below.
+        self.ring
+            .word(self.ring.offset(pos))
+            .store(0, Ordering::Relaxed);
+        self.tail = pos + size as u64;
+        // Release: pairs with the Acquire load of `tail` in `Consumer::scan`: the padding and the
+        // zeroed commit word above are visible to a consumer that sees this `tail`.
+        self.ring
+            .header()
+            .tail
+            .index
+            .store(self.tail, Ordering::Release);
+        Ok(Some(Grant {
+            producer: self,
+            pos,
+            len,
+        }))
+    }
+
+    /// Checks a `head` loaded from the region: aligned, and in `[cached_head, tail]` (the consumer
+    /// only moves it forward, and never past what we reserved).
+    fn check_head(&mut self, head: u64) -> Result<u64, Corrupt> {
+        let corrupt = if head % RECORD_ALIGN as u64 != 0 {
+            Corrupt::new("head is not 16-byte aligned")
+        } else if head.wrapping_sub(self.cached_head) > self.tail - self.cached_head {
+            Corrupt::new("head is outside [previous head, tail]")
+        } else {
+            return Ok(head);
+        };
+        self.corrupt = Some(corrupt);
+        Err(corrupt)
+    }
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl<R: Region> Grant<'_, R> {
+    /// Payload length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the payload is empty (a zero-length record).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The start of the payload: 16-byte aligned, valid for writes of [`len`](Self::len) bytes
+    /// until the grant is committed or dropped.
+    ///
+    /// The consumer does not read these bytes before the commit. Do not form `&mut [u8]` over
+    /// them when the consumer is another process, which may write them regardless.
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.producer.ring.payload(self.pos)
+    }
+
+    /// Copies `data` into the payload at `offset`.
+    ///
+    /// # Panics
+    ///
+    /// If `offset + data.len()` exceeds [`len`](Self::len).
+    pub(crate) fn write_at(&mut self, offset: usize, data: &[u8]) {
+        let end = offset.checked_add(data.len());
+        assert!(
+            end.is_some_and(|end| end <= self.len),
+            "write of {} bytes at {offset} overruns a {}-byte grant",
+            data.len(),
+            self.len
+        );
+        let dst = self.as_mut_ptr().wrapping_add(offset);
+        // SAFETY: `copy_nonoverlapping` requires a source valid for `data.len()` reads (a slice),
+        // a destination valid for as many writes (it lies inside this grant's payload, checked
+        // above, which is inside the region: see `Ring::payload`), and no overlap (`data` is a
+        // Rust reference, and none exist over region bytes by the `Region` contract). The
+        // consumer does not access these bytes before the commit.
+        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+    }
+
+    /// Copies `data` to the start of the payload; see [`write_at`](Self::write_at).
+    ///
+    /// # Panics
+    ///
+    /// If `data` is longer than the grant.
+    pub(crate) fn write(&mut self, data: &[u8]) {
+        self.write_at(0, data);
+    }
+
+    /// Publishes the record to the consumer.
+    pub(crate) fn commit(self) {
+        let grant = ManuallyDrop::new(self);
+        // `len <= max_len < 2^30`, so it fits in the length bits.
+        grant.publish(TAG_DATA | grant.len as u32);
+    }
+
+    fn publish(&self, word: u32) {
+        let ring = &self.producer.ring;
+        // Release: pairs with the Acquire load of the commit word in `Consumer::scan`, so the
+        // payload written through this grant is visible to a consumer that sees the word.
+        ring.word(ring.offset(self.pos))
+            .store(word, Ordering::Release);
+    }
+}
+
+impl<R: Region> Drop for Grant<'_, R> {
+    /// An uncommitted grant becomes padding, so the consumer skips it instead of waiting.
+    fn drop(&mut self) {
+        // A record is at most half a capacity, below 2^30.
+        self.publish(TAG_PAD | record_size(self.len) as u32);
+    }
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl<R: Region> Consumer<R> {
+    /// Attaches the reading end to the ring laid out in `region`, at the ring's current `head`.
+    ///
+    /// # Errors
+    ///
+    /// [`Corrupt`] if the region's length is not a valid ring size, its base is misaligned, or
+    /// `head` is misaligned.
+    ///
+    /// # Safety
+    ///
+    /// No other `Consumer` is attached to this ring, in this process or any other that maps the
+    /// region, while this one lives: a second consumer would release bytes this one still reads.
+    pub(crate) unsafe fn attach(region: R) -> Result<Self, Corrupt> {
+        let ring = Ring::new(region)?;
+        // Acquire: pairs with the Release store of `head` by a previous consumer, if any.
+        let head = ring.header().head.index.load(Ordering::Acquire);
+        if head % RECORD_ALIGN as u64 != 0 {
+            return Err(Corrupt::new("head is not 16-byte aligned"));
+        }
+        Ok(Self {
+            ring,
+            head,
+            read: head,
+            cached_tail: head,
+            corrupt: None,
+        })
+    }
+
+    /// Size of the data area in bytes.
+    pub(crate) fn capacity(&self) -> usize {
+        self.ring.cap
+    }
+
+    /// The region the ring lives in.
+    pub(crate) fn region(&self) -> &R {
+        &self.ring.region
+    }
+
+    /// The next committed record, without consuming it; `Ok(None)` if there is none yet.
+    ///
+    /// Skips padding. Calling it again returns the same record until [`consume`](Self::consume).
+    ///
+    /// # Errors
+    ///
+    /// [`Corrupt`] if the producer's `tail` or a commit word breaks the protocol: `tail`
+    /// misaligned, moved back, or more than a capacity ahead of `head`; a record longer than
+    /// [`Producer::max_len`], with an unknown tag, crossing the end of the data area or extending
+    /// past `tail`. Once corrupt, every later call fails the same way.
+    pub(crate) fn peek(&mut self) -> Result<Option<Record>, Corrupt> {
+        if let Some(corrupt) = self.corrupt {
+            return Err(corrupt);
+        }
+        let scanned = self.scan();
+        if let Err(corrupt) = scanned {
+            self.corrupt = Some(corrupt);
+        }
+        scanned
+    }
+
+    /// Moves the read cursor past `rec`, which must be the record [`peek`](Self::peek) returned
+    /// last. Its bytes stay readable until released.
+    ///
+    /// # Panics
+    ///
+    /// If `rec` is not the record at the read cursor.
+    pub(crate) fn consume(&mut self, rec: Record) {
+        assert_eq!(rec.pos, self.read, "consume takes the record peek returned");
+        self.read = rec.end();
+    }
+
+    /// [`peek`](Self::peek), then [`consume`](Self::consume) the record, if any.
+    ///
+    /// # Errors
+    ///
+    /// As [`peek`](Self::peek).
+    pub(crate) fn pop(&mut self) -> Result<Option<Record>, Corrupt> {
+        let rec = self.peek()?;
+        if let Some(rec) = rec {
+            self.consume(rec);
+        }
+        Ok(rec)
+    }
+
+    /// Hands every consumed record (and skipped padding) back to the producer.
+    pub(crate) fn release(&mut self) {
+        self.publish_head(self.read);
+    }
+
+    /// Hands `rec` and every record before it back to the producer; records consumed after it
+    /// stay readable. Releasing a record already released does nothing.
+    ///
+    /// Release is in order only: a record cannot be released before the ones ahead of it.
+    ///
+    /// # Panics
+    ///
+    /// If `rec` has not been consumed.
+    pub(crate) fn release_through(&mut self, rec: Record) {
+        assert!(
+            rec.end() <= self.read,
+            "release_through takes a consumed record"
+        );
+        if rec.end() > self.head {
+            self.publish_head(rec.end());
+        }
+    }
+
+    /// Copies `rec`'s payload into `dst`.
+    ///
+    /// This is the read to use when the producer is not trusted: the copy cannot go out of
+    /// bounds whatever the producer does, though a producer that breaks the protocol by
+    /// rewriting a committed record can make it see torn bytes.
+    ///
+    /// # Panics
+    ///
+    /// If `dst.len() != rec.len()`, or `rec` was not returned by this consumer or is released.
+    pub(crate) fn copy_to(&self, rec: Record, dst: &mut [u8]) {
+        assert_eq!(dst.len(), rec.len(), "destination length");
+        let src = self.payload(rec);
+        // SAFETY: `copy_nonoverlapping` requires a source valid for `rec.len()` reads (the payload
+        // lies inside the data area, checked by `payload`, and region bytes are initialised by
+        // the `Region` contract), a destination valid for as many writes (`dst`, length checked)
+        // and no overlap (`dst` is a Rust reference; none exist over region bytes). The
+        // committed, unreleased record is not written by a producer following the protocol.
+        unsafe { ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), rec.len()) };
+    }
+
+    /// Copies `rec`'s payload into a new vector; see [`copy_to`](Self::copy_to).
+    ///
+    /// # Panics
+    ///
+    /// If `rec` was not returned by this consumer or is released.
+    pub(crate) fn to_vec(&self, rec: Record) -> Vec<u8> {
+        let mut out = vec![0; rec.len()];
+        self.copy_to(rec, &mut out);
+        out
+    }
+
+    /// `rec`'s payload, read in place (16-byte aligned).
+    ///
+    /// The borrow of `self` keeps the record from being released (which takes `&mut self`)
+    /// while the slice lives, and a producer following the protocol never writes a committed
+    /// record before its release: so the bytes do not change under the slice.
+    ///
+    /// # Panics
+    ///
+    /// If `rec` was not returned by this consumer or is released.
+    ///
+    /// # Safety
+    ///
+    /// The producer follows the protocol: it is this crate's [`Producer`] in this process, or in
+    /// a process trusted not to write committed records before their release. A hostile producer
+    /// could change the bytes under the shared reference, which is undefined behaviour; use
+    /// [`copy_to`](Self::copy_to) for untrusted producers.
+    pub(crate) unsafe fn bytes(&self, rec: Record) -> &[u8] {
+        let src = self.payload(rec);
+        // SAFETY: `from_raw_parts` requires a pointer valid for reads of `rec.len()` initialised
+        // bytes (inside the data area, checked by `payload`; initialised by the `Region`
+        // contract) that nothing mutates while the slice lives: the record is committed and not
+        // released, cannot be released while `&self` is borrowed, and the caller guarantees the
+        // producer does not write it before release. `rec.len() <= capacity <= isize::MAX`.
+        unsafe { std::slice::from_raw_parts(src, rec.len()) }
+    }
+
+    /// A pointer to `rec`'s payload, after checking that `rec` is committed and unreleased in
+    /// this ring: `head <= rec.pos` and `rec.end() <= cached_tail`, and that it lies inside the
+    /// data area.
+    fn payload(&self, rec: Record) -> *const u8 {
+        let off = self.ring.offset(rec.pos);
+        assert!(
+            self.head <= rec.pos
+                && rec.end() <= self.cached_tail
+                && off + record_size(rec.len()) <= self.ring.cap,
+            "record is not readable in this ring (released, or from another ring)"
+        );
+        self.ring.payload(rec.pos)
+    }
+
+    fn publish_head(&mut self, head: u64) {
+        self.head = head;
+        // Release: pairs with the Acquire load of `head` in `Producer::reserve`, so our reads of
+        // the released records happen before the producer overwrites them.
+        self.ring.header().head.index.store(head, Ordering::Release);
+    }
+
+    /// Finds the next data record at or after the cursor, skipping padding.
+    fn scan(&mut self) -> Result<Option<Record>, Corrupt> {
+        let mut reloaded = false;
+        loop {
+            if self.read == self.cached_tail {
+                // Reload `tail` at most once per call: a producer that keeps appending padding
+                // cannot keep us here.
+                if reloaded {
+                    return Ok(None);
+                }
+                reloaded = true;
+                // Acquire: pairs with the Release store of `tail` in `Producer::reserve`, so the
+                // commit words zeroed and the padding written before it are visible below.
+                let tail = self.ring.header().tail.index.load(Ordering::Acquire);
+                self.cached_tail = self.check_tail(tail)?;
+                if self.read == self.cached_tail {
+                    return Ok(None);
+                }
+            }
+            let off = self.ring.offset(self.read);
+            // Acquire: pairs with the Release store in `Grant::publish`, so the payload written
+            // before the commit is visible to our reads after this load.
+            let word = self.ring.word(off).load(Ordering::Acquire);
+            let (size, data_len) = match word & TAG_MASK {
+                _ if word == 0 => return Ok(None), // reserved, not committed yet
+                TAG_DATA => {
+                    let len = (word & LEN_MASK) as usize;
+                    if len > self.ring.max_len() {
+                        return Err(Corrupt::new("record length exceeds the ring's maximum"));
+                    }
+                    (record_size(len), Some(len))
+                }
+                TAG_PAD => {
+                    let size = (word & LEN_MASK) as usize;
+                    if size < RECORD_HEADER || size % RECORD_ALIGN != 0 {
+                        return Err(Corrupt::new("padding is not a positive multiple of 16"));
+                    }
+                    (size, None)
+                }
+                _ => return Err(Corrupt::new("unknown record tag")),
+            };
+            if size > self.ring.cap - off {
+                return Err(Corrupt::new("record crosses the end of the data area"));
+            }
+            if size as u64 > self.cached_tail - self.read {
+                return Err(Corrupt::new("record extends past tail"));
+            }
+            match data_len {
+                // `len <= max_len < 2^30`.
+                Some(len) => {
+                    return Ok(Some(Record {
+                        pos: self.read,
+                        len: len as u32,
+                    }))
+                }
+                None => self.read += size as u64,
+            }
+        }
+    }
+
+    /// Checks a `tail` loaded from the region: aligned, not behind the cursor, and at most a
+    /// capacity ahead of `head`.
+    fn check_tail(&self, tail: u64) -> Result<u64, Corrupt> {
+        let ahead = tail.wrapping_sub(self.head);
+        if tail % RECORD_ALIGN as u64 != 0 {
+            Err(Corrupt::new("tail is not 16-byte aligned"))
+        } else if ahead > self.ring.cap as u64 {
+            Err(Corrupt::new("tail is more than a capacity ahead of head"))
+        } else if ahead < self.read - self.head {
+            Err(Corrupt::new("tail moved backwards"))
+        } else {
+            Ok(tail)
+        }
+    }
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl Record {
+    /// Position of the record in the ring (a byte index that only grows).
+    pub(crate) fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// Payload length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Whether the payload is empty.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Position just past the record: where the next one starts, and what `head` becomes when it
+    /// is released.
+    pub(crate) fn end(&self) -> u64 {
+        self.pos + record_size(self.len()) as u64
+    }
+}
+
+/// One index on a cache-line pair of its own. Part of the shared layout, so its alignment is
+/// spelled out rather than taken from `CachePadded`, whose alignment varies by target.
+#[repr(C, align(128))]
+#[derive(Debug)]
+struct IndexLine {
+    index: AtomicU64,
+}
+
+/// The ring header at the start of the region.
+#[repr(C)]
+#[derive(Debug)]
+struct Header {
+    /// Written by the consumer only: everything before it is free for the producer.
+    head: IndexLine,
+    /// Written by the producer only: everything before it is reserved or committed.
+    tail: IndexLine,
+}
+
+/// The region plus the derived capacity: the memory access helpers both ends share.
+#[derive(Debug)]
+struct Ring<R: Region> {
+    region: R,
+    /// Data area size: a power of two in `MIN_CAPACITY..=MAX_CAPACITY`.
+    cap: usize,
+}
+
+impl<R: Region> Ring<R> {
+    fn new(region: R) -> Result<Self, Corrupt> {
+        // The `Region` contract promises this; everything below relies on it, so check anyway.
+        if region.as_ptr() as usize % REGION_ALIGN != 0 {
+            return Err(Corrupt::new("region base is not 128-byte aligned"));
+        }
+        let cap = capacity_of(region.len())?;
+        Ok(Self { region, cap })
+    }
+
+    fn header(&self) -> &Header {
+        let header = self.region.as_ptr().cast::<Header>();
+        // SAFETY: creating `&Header` requires a non-null, aligned pointer to initialised memory
+        // valid for `size_of::<Header>()` bytes for the borrow, with no conflicting `&mut`: the
+        // region base is 128-aligned and at least `HEADER_SIZE` long (checked in `new`), it lives
+        // as long as `self.region`, its bytes are initialised and never under a `&mut` (`Region`
+        // contract), and `Header` holds only atomics (any bit pattern valid, shared mutation
+        // allowed).
+        unsafe { &*header }
+    }
+
+    /// The data area's start: `HEADER_SIZE` bytes into the region, so 128-byte aligned.
+    fn data(&self) -> *mut u8 {
+        self.region.as_ptr().wrapping_add(HEADER_SIZE)
+    }
+
+    /// Where position `pos` falls in the data area.
+    fn offset(&self, pos: u64) -> usize {
+        // The capacity is a power of two, at most 2^30: the masked value fits in `usize`.
+        (pos & (self.cap as u64 - 1)) as usize
+    }
+
+    /// The commit word of the record at data-area offset `off`.
+    ///
+    /// # Panics
+    ///
+    /// If `off` is not a 16-aligned offset inside the data area (an internal bug).
+    fn word(&self, off: usize) -> &AtomicU32 {
+        assert!(
+            off < self.cap && off % RECORD_ALIGN == 0,
+            "bad record offset {off}"
+        );
+        let word = self.data().wrapping_add(off).cast::<AtomicU32>();
+        // SAFETY: creating `&AtomicU32` requires a non-null, 4-aligned pointer valid for 4 bytes
+        // of initialised memory for the borrow, with no conflicting `&mut`: `off + 4 <= cap`
+        // (`off` is a multiple of 16 below `cap`) so it is inside the region, which lives as long
+        // as `self`; it is 16-aligned (128-aligned base, `HEADER_SIZE` and `off` multiples of
+        // 16); initialised and never under `&mut` by the `Region` contract. Non-atomic accesses
+        // of these bytes (payload of another lap) are ordered against atomic ones through
+        // `head`/`tail`, as the module docs explain.
+        unsafe { &*word }
+    }
+
+    /// The payload of the record at `pos`: 16 bytes past its header.
+    fn payload(&self, pos: u64) -> *mut u8 {
+        self.data().wrapping_add(self.offset(pos) + RECORD_HEADER)
+    }
+
+    fn max_len(&self) -> usize {
+        self.cap / 2 - RECORD_HEADER
+    }
+}
+
+/// The capacity of the ring a region of `len` bytes holds.
+fn capacity_of(len: usize) -> Result<usize, Corrupt> {
+    match len.checked_sub(HEADER_SIZE) {
+        Some(cap) if cap.is_power_of_two() && (MIN_CAPACITY..=MAX_CAPACITY).contains(&cap) => {
+            Ok(cap)
+        }
+        _ => Err(Corrupt::new(
+            "region is not a header plus a power-of-two data area",
+        )),
+    }
+}
+
+/// Bytes a record with a `len`-byte payload takes: header plus payload, rounded up to 16.
+fn record_size(len: usize) -> usize {
+    RECORD_HEADER + len.next_multiple_of(RECORD_ALIGN)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{align_of, offset_of};
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    type P = Producer<Arc<HeapRegion>>;
+    type C = Consumer<Arc<HeapRegion>>;
+
+    /// Reserves, writes and commits `data`; false if the ring is full.
+    fn push(p: &mut P, data: &[u8]) -> bool {
+        match p.reserve(data.len()).expect("not corrupt") {
+            Some(mut grant) => {
+                grant.write(data);
+                grant.commit();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Pops the next record and copies it out (without releasing it).
+    fn pop_vec(c: &mut C) -> Option<Vec<u8>> {
+        let rec = c.pop().expect("not corrupt")?;
+        Some(c.to_vec(rec))
+    }
+
+    fn payload(seed: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (seed * 31 + i * 7) as u8).collect()
+    }
+
+    #[test]
+    fn layout() {
+        assert_eq!(size_of::<IndexLine>(), 128);
+        assert_eq!(align_of::<IndexLine>(), 128);
+        assert_eq!(offset_of!(Header, head), 0);
+        assert_eq!(offset_of!(Header, tail), 128);
+        assert_eq!(HEADER_SIZE, 256);
+        assert_eq!(align_of::<Header>(), REGION_ALIGN);
+        assert_eq!(region_len(4096), 4096 + 256);
+        assert_eq!(record_size(0), 16);
+        assert_eq!(record_size(1), 32);
+        assert_eq!(record_size(16), 32);
+        assert_eq!(record_size(17), 48);
+
+        let (mut p, c) = pair(1024);
+        let base = p.region().as_ptr() as usize;
+        assert_eq!(base % REGION_ALIGN, 0);
+        assert_eq!(c.region().as_ptr() as usize, base);
+        assert_eq!(p.ring.data() as usize - base, HEADER_SIZE);
+        assert_eq!(
+            &p.ring.header().tail.index as *const AtomicU64 as usize - base,
+            128
+        );
+        assert_eq!(p.capacity(), 1024);
+        assert_eq!(c.capacity(), 1024);
+        assert_eq!(p.max_len(), 512 - 16);
+        for len in [0, 1, 15, 16, 17, 100] {
+            let mut grant = p.reserve(len).unwrap().unwrap();
+            assert_eq!(grant.len(), len);
+            assert_eq!(grant.is_empty(), len == 0);
+            let ptr = grant.as_mut_ptr() as usize;
+            assert_eq!(ptr % RECORD_ALIGN, 0, "payloads are 16-byte aligned");
+            assert!(ptr >= base + HEADER_SIZE + RECORD_HEADER);
+            assert!(ptr + len <= base + region_len(1024));
+            grant.commit();
+        }
+    }
+
+    #[test]
+    fn capacity_must_be_a_power_of_two_in_range() {
+        assert!(capacity_of(region_len(64)).is_ok());
+        assert!(capacity_of(region_len(1 << 20)).is_ok());
+        for bad in [0, 32, 96, 1000, 2 * MAX_CAPACITY] {
+            assert!(capacity_of(region_len(bad)).is_err(), "{bad}");
+        }
+        assert!(capacity_of(100).is_err(), "shorter than the header");
+    }
+
+    #[test]
+    fn round_trip() {
+        let (mut p, mut c) = pair(1024);
+        assert_eq!(c.peek(), Ok(None));
+        assert!(push(&mut p, b"hello"));
+        assert!(push(&mut p, b"world!"));
+        let rec = c.peek().unwrap().unwrap();
+        assert_eq!(rec.len(), 5);
+        assert_eq!(c.peek().unwrap(), Some(rec), "peek does not consume");
+        c.consume(rec);
+        // SAFETY: the producer is this crate's `Producer`, in this thread.
+        assert_eq!(unsafe { c.bytes(rec) }, b"hello");
+        let rec2 = c.pop().unwrap().unwrap();
+        assert_eq!(rec2.pos(), rec.end());
+        assert_eq!(c.to_vec(rec2), b"world!");
+        assert_eq!(c.to_vec(rec), b"hello", "still readable before release");
+        assert_eq!(c.pop(), Ok(None));
+        c.release();
+        assert_eq!(c.pop(), Ok(None));
+    }
+
+    #[test]
+    fn zero_length_records() {
+        let (mut p, mut c) = pair(64);
+        // 64 bytes of data area hold four header-only records.
+        for _ in 0..4 {
+            assert!(push(&mut p, b""));
+        }
+        assert!(!push(&mut p, b""), "full");
+        for _ in 0..4 {
+            let rec = c.pop().unwrap().unwrap();
+            assert!(rec.is_empty());
+            assert_eq!(c.to_vec(rec), b"");
+        }
+        assert_eq!(c.pop(), Ok(None));
+        c.release();
+        assert!(push(&mut p, b""));
+        assert!(c.pop().unwrap().unwrap().is_empty());
+    }
+
+    #[test]
+    fn full_ring_returns_none_until_released() {
+        let (mut p, mut c) = pair(256);
+        // Records of 48 bytes (32-byte payload): five fit in 256 bytes with 16 to spare.
+        let mut pushed = 0;
+        while push(&mut p, &payload(pushed, 32)) {
+            pushed += 1;
+        }
+        assert_eq!(pushed, 5);
+        assert!(
+            push(&mut p, b""),
+            "a header-only record still fits the last 16 bytes"
+        );
+        assert!(!push(&mut p, b""));
+        let first = c.pop().unwrap().unwrap();
+        assert!(
+            !push(&mut p, b"x"),
+            "consumed but unreleased bytes stay taken"
+        );
+        c.release_through(first);
+        assert!(
+            push(&mut p, &payload(99, 32)),
+            "released bytes are free again"
+        );
+        for i in 1..5 {
+            assert_eq!(pop_vec(&mut c).unwrap(), payload(i, 32));
+        }
+        assert_eq!(pop_vec(&mut c).unwrap(), b"");
+        assert_eq!(pop_vec(&mut c).unwrap(), payload(99, 32));
+    }
+
+    #[test]
+    fn too_large_never_fits_and_max_len_always_fits_in_an_empty_ring() {
+        let (mut p, mut c) = pair(256);
+        assert!(p.reserve(p.max_len() + 1).unwrap().is_none());
+        // Walk the tail through every 16-byte offset; at each, an empty ring takes max_len.
+        for step in 0..(256 / 16) {
+            let max = p.max_len();
+            assert!(push(&mut p, &payload(step, max)), "offset {}", step * 16);
+            assert_eq!(pop_vec(&mut c).unwrap(), payload(step, max));
+            assert!(push(&mut p, b""));
+            assert_eq!(pop_vec(&mut c).unwrap(), b"");
+            c.release();
+            assert!(p.reserve(p.max_len() + 1).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn wrap_inserts_padding_and_keeps_payloads_contiguous() {
+        let (mut p, mut c) = pair(256);
+        assert!(push(&mut p, &payload(1, 100))); // 128 bytes: 0..128
+        assert!(push(&mut p, &payload(2, 64))); // 80 bytes: 128..208
+        assert_eq!(pop_vec(&mut c).unwrap(), payload(1, 100));
+        c.release();
+        // 80 bytes do not fit in 208..256: padding fills it, the record goes to 0..80.
+        assert!(push(&mut p, &payload(3, 64)));
+        let pad = p.ring.word(208).load(Ordering::Relaxed);
+        assert_eq!(pad, TAG_PAD | 48);
+        assert_eq!(pop_vec(&mut c).unwrap(), payload(2, 64));
+        let rec = c.pop().unwrap().unwrap();
+        assert_eq!(rec.pos(), 256, "after the padding");
+        assert_eq!(c.ring.offset(rec.pos()), 0);
+        assert_eq!(c.to_vec(rec), payload(3, 64));
+        assert_eq!(c.pop(), Ok(None));
+    }
+
+    #[test]
+    fn many_laps_of_varied_sizes() {
+        // Against a model; small enough for miri.
+        let (mut p, mut c) = pair(256);
+        let mut model = std::collections::VecDeque::new();
+        let mut unreleased = 0;
+        let mut x = 0x2545_f491_u32;
+        let mut seq = 0;
+        for _ in 0..if cfg!(miri) { 300 } else { 3000 } {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            match x % 4 {
+                0 | 1 => {
+                    let data = payload(seq, (x as usize >> 3) % (p.max_len() + 1));
+                    if push(&mut p, &data) {
+                        model.push_back(data);
+                        seq += 1;
+                    }
+                }
+                2 => match pop_vec(&mut c) {
+                    Some(got) => {
+                        assert_eq!(Some(got), model.pop_front());
+                        unreleased += 1;
+                    }
+                    None => assert!(model.is_empty()),
+                },
+                _ => {
+                    if unreleased > 0 {
+                        c.release();
+                        unreleased = 0;
+                    }
+                }
+            }
+        }
+        assert!(seq > 50, "the test exercised the ring ({seq} records)");
+    }
+
+    #[test]
+    fn uncommitted_grant_blocks_and_dropped_grant_is_skipped() {
+        let (mut p, mut c) = pair(256);
+        let mut grant = p.reserve(8).unwrap().unwrap();
+        grant.write(b"pending!");
+        assert_eq!(c.peek(), Ok(None), "reserved but not committed");
+        grant.commit();
+        assert_eq!(pop_vec(&mut c).unwrap(), b"pending!");
+
+        let abandoned = p.reserve(40).unwrap().unwrap();
+        assert_eq!(c.peek(), Ok(None));
+        drop(abandoned);
+        assert!(push(&mut p, b"after"));
+        assert_eq!(
+            pop_vec(&mut c).unwrap(),
+            b"after",
+            "the dropped grant is skipped"
+        );
+    }
+
+    #[test]
+    fn batched_and_partial_release() {
+        let (mut p, mut c) = pair(256);
+        for i in 0..5 {
+            assert!(push(&mut p, &payload(i, 32)));
+        }
+        let recs: Vec<Record> = (0..4).map(|_| c.pop().unwrap().unwrap()).collect();
+        c.release_through(recs[1]);
+        // The two records released; the other two still readable.
+        assert_eq!(c.to_vec(recs[2]), payload(2, 32));
+        assert_eq!(c.to_vec(recs[3]), payload(3, 32));
+        c.release_through(recs[0]); // already released: no-op
+        assert!(push(&mut p, &payload(5, 32)));
+        assert!(push(&mut p, &payload(6, 32)));
+        assert!(
+            !push(&mut p, &payload(7, 32)),
+            "only two records' worth was released"
+        );
+        c.release();
+        assert_eq!(pop_vec(&mut c).unwrap(), payload(4, 32));
+        assert_eq!(pop_vec(&mut c).unwrap(), payload(5, 32));
+        assert_eq!(pop_vec(&mut c).unwrap(), payload(6, 32));
+    }
+
+    #[test]
+    #[should_panic(expected = "not readable")]
+    fn released_record_cannot_be_read() {
+        let (mut p, mut c) = pair(256);
+        assert!(push(&mut p, b"gone"));
+        let rec = c.pop().unwrap().unwrap();
+        c.release();
+        let _ = c.to_vec(rec);
+    }
+
+    #[test]
+    fn cached_indices_avoid_reloads() {
+        let (mut p, mut c) = pair(256);
+        assert!(push(&mut p, b"a"));
+        assert!(push(&mut p, b"b"));
+        // The consumer loads `tail` once and reads both records from its cached copy.
+        assert!(c.pop().unwrap().is_some());
+        p.ring.header().tail.index.store(7, Ordering::Relaxed); // would be corrupt if loaded
+        assert!(c.pop().unwrap().is_some());
+        p.ring.header().tail.index.store(64, Ordering::Relaxed);
+        // The producer reloads `head` only when its cached copy says the ring is full.
+        c.ring.header().head.index.store(8, Ordering::Relaxed); // would be corrupt if loaded
+        assert!(push(&mut p, b"c"));
+        assert_eq!(p.cached_head, 0);
+    }
+
+    // Corruption: a peer scribbles on the header or a commit word.
+
+    fn corrupt_tail(tail: u64) -> Corrupt {
+        let (mut p, mut c) = pair(256);
+        assert!(push(&mut p, b"one"));
+        assert!(push(&mut p, b"two"));
+        assert!(c.pop().unwrap().is_some());
+        c.release();
+        assert!(c.pop().unwrap().is_some());
+        assert_eq!(c.pop(), Ok(None)); // cursor at tail: the next peek reloads it
+        p.ring.header().tail.index.store(tail, Ordering::Release);
+        let err = c.peek().unwrap_err();
+        assert_eq!(c.peek(), Err(err), "a corrupt ring stays corrupt");
+        err
+    }
+
+    #[test]
+    fn corrupt_tail_too_far_ahead() {
+        // head is 32 after the release.
+        let err = corrupt_tail(32 + 256 + 16);
+        assert_eq!(err.what(), "tail is more than a capacity ahead of head");
+        assert!(corrupt_tail(u64::MAX - 15).what().contains("ahead of head"));
+    }
+
+    #[test]
+    fn corrupt_tail_misaligned() {
+        assert_eq!(corrupt_tail(72).what(), "tail is not 16-byte aligned");
+    }
+
+    #[test]
+    fn corrupt_tail_backwards() {
+        assert_eq!(corrupt_tail(32).what(), "tail moved backwards");
+    }
+
+    fn corrupt_word(word: u32) -> Corrupt {
+        let (mut p, mut c) = pair(256);
+        assert!(push(&mut p, b"0123456789"));
+        c.ring.word(0).store(word, Ordering::Release);
+        let err = c.peek().unwrap_err();
+        assert_eq!(c.pop(), Err(err));
+        err
+    }
+
+    #[test]
+    fn corrupt_length() {
+        let err = corrupt_word(TAG_DATA | 113);
+        assert_eq!(err.what(), "record length exceeds the ring's maximum");
+        assert_eq!(corrupt_word(TAG_DATA | LEN_MASK), err);
+        assert_eq!(
+            corrupt_word(TAG_DATA | 17).what(),
+            "record extends past tail"
+        );
+    }
+
+    #[test]
+    fn corrupt_tag_and_padding() {
+        assert_eq!(corrupt_word(TAG_MASK | 16).what(), "unknown record tag");
+        assert_eq!(corrupt_word(0x0000_0010).what(), "unknown record tag");
+        assert_eq!(
+            corrupt_word(TAG_PAD | 8).what(),
+            "padding is not a positive multiple of 16"
+        );
+        assert_eq!(
+            corrupt_word(TAG_PAD).what(),
+            "padding is not a positive multiple of 16"
+        );
+        assert_eq!(
+            corrupt_word(TAG_PAD | 512).what(),
+            "record crosses the end of the data area"
+        );
+        assert_eq!(
+            corrupt_word(TAG_PAD | 64).what(),
+            "record extends past tail"
+        );
+    }
+
+    #[test]
+    fn corrupt_record_crossing_the_end() {
+        let (mut p, mut c) = pair(256);
+        for _ in 0..7 {
+            assert!(push(&mut p, b"x")); // 32 bytes each: 0..224
+        }
+        for _ in 0..7 {
+            assert!(c.pop().unwrap().is_some());
+        }
+        c.release();
+        assert!(push(&mut p, b"y")); // 224..256
+                                     // A 48-byte record at 224 would run 16 bytes past the end of the data area.
+        c.ring.word(224).store(TAG_DATA | 20, Ordering::Release);
+        assert_eq!(
+            c.peek().unwrap_err().what(),
+            "record crosses the end of the data area"
+        );
+    }
+
+    #[test]
+    fn corrupt_head_is_seen_by_the_producer() {
+        for (head, what) in [
+            (8, "head is not 16-byte aligned"),
+            (4096, "head is outside [previous head, tail]"),
+        ] {
+            let (mut p, _c) = pair(64);
+            assert!(push(&mut p, &[1; 16]));
+            assert!(push(&mut p, &[2; 16]));
+            p.ring.header().head.index.store(head, Ordering::Release);
+            let err = p.reserve(0).map(|g| g.is_some()).unwrap_err();
+            assert_eq!(err.what(), what);
+            assert_eq!(p.reserve(0).map(|g| g.is_some()), Err(err), "stays corrupt");
+        }
+    }
+
+    #[test]
+    fn corrupt_region_is_refused_at_attach() {
+        let region = Arc::new(HeapRegion::new(region_len(256)));
+        let header = region.as_ptr().cast::<Header>();
+        // SAFETY: the region is valid and 128-aligned for a `Header`, and nothing else uses it.
+        let header = unsafe { &*header };
+        header.tail.index.store(512, Ordering::Relaxed);
+        // SAFETY: no other producer or consumer is attached to this region.
+        let producer = unsafe { Producer::attach(Arc::clone(&region)) };
+        assert!(producer.is_err());
+        header.head.index.store(3, Ordering::Relaxed);
+        // SAFETY: no other producer or consumer is attached to this region.
+        let consumer = unsafe { Consumer::attach(Arc::clone(&region)) };
+        assert!(consumer.is_err());
+        let short = Arc::new(HeapRegion::new(region_len(256) - 16));
+        // SAFETY: no other consumer is attached to this region.
+        let consumer = unsafe { Consumer::attach(short) };
+        assert!(consumer.is_err());
+    }
+
+    // Two threads.
+
+    /// Body bytes of the stress records: a fixed pattern, sliced at an offset chosen by `seq`.
+    const PATTERN: [u8; 512] = {
+        let mut table = [0; 512];
+        let mut i = 0;
+        while i < 512 {
+            table[i] = (i * 167 + 13) as u8 ^ (i >> 3) as u8;
+            i += 1;
+        }
+        table
+    };
+
+    /// Payload length of stress record `seq`, in `12..=max_len` (`max_len <= 268`).
+    ///
+    /// Under miri, a multiple of 4: miri's weak-memory emulation panics (an ICE, "cannot have
+    /// empty store buffer when previous write was atomic") when a non-atomic write partially
+    /// overlaps a location earlier used atomically, which is what a payload ending inside a
+    /// later lap's commit word does. That is legal Rust (the accesses are ordered through
+    /// `head`); odd lengths run concurrently under miri with `-Zmiri-disable-weak-memory-emulation`
+    /// and single-threaded in `many_laps_of_varied_sizes`.
+    fn record_len(seq: u64, max_len: usize) -> usize {
+        let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^= x >> 29;
+        let len = 12 + (x as usize % (max_len - 11));
+        if cfg!(miri) {
+            len / 4 * 4
+        } else {
+            len
+        }
+    }
+
+    /// Record `seq`: 8 bytes of `seq`, a body from `PATTERN`, a 4-byte checksum of the rest.
+    /// (Built from slices, not byte loops, so the debug-build stress test stays quick.)
+    fn make_record(seq: u64, buf: &mut Vec<u8>, max_len: usize) {
+        let len = record_len(seq, max_len);
+        let start = (seq as usize * 11) % 256;
+        buf.clear();
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.extend_from_slice(&PATTERN[start..start + len - 12]);
+        let sum = checksum(buf);
+        buf.extend_from_slice(&sum.to_le_bytes());
+    }
+
+    /// A position-sensitive checksum over 8-byte words (and the tail bytes).
+    fn checksum(bytes: &[u8]) -> u32 {
+        let words = bytes.chunks_exact(8);
+        let tail = words.remainder().iter().map(|&b| u64::from(b));
+        let sum = words
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+            .chain(tail)
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, w| {
+                (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(5)
+            });
+        (sum ^ (sum >> 32)) as u32
+    }
+
+    /// Runs a producer and a consumer thread over a ring of `capacity` for `count` records of up
+    /// to `max_len` bytes; the consumer checks order, length and checksum and reads in place.
+    fn two_threads(capacity: usize, count: u64, max_len: usize) {
+        let (mut p, mut c) = pair(capacity);
+        let (done_tx, done_rx) = mpsc::channel();
+        let producer = thread::spawn(move || {
+            let mut buf = Vec::new();
+            for seq in 0..count {
+                make_record(seq, &mut buf, max_len);
+                while !push(&mut p, &buf) {
+                    thread::yield_now();
+                }
+            }
+        });
+        let consumer = thread::spawn(move || {
+            let mut seq = 0;
+            let mut unreleased = 0;
+            while seq < count {
+                let Some(rec) = c.pop().expect("not corrupt") else {
+                    c.release();
+                    unreleased = 0;
+                    thread::yield_now();
+                    continue;
+                };
+                // SAFETY: the producer is this crate's `Producer`, in this process.
+                let got = unsafe { c.bytes(rec) };
+                assert_eq!(
+                    got.len(),
+                    record_len(seq, max_len),
+                    "length of record {seq}"
+                );
+                let (body, sum) = got.split_at(got.len() - 4);
+                assert_eq!(
+                    checksum(body).to_le_bytes(),
+                    sum,
+                    "checksum of record {seq}"
+                );
+                assert_eq!(u64::from_le_bytes(body[..8].try_into().unwrap()), seq);
+                let start = (seq as usize * 11) % 256;
+                assert_eq!(&body[8..], &PATTERN[start..start + body.len() - 8]);
+                seq += 1;
+                unreleased += 1;
+                if unreleased == 16 {
+                    c.release();
+                    unreleased = 0;
+                }
+            }
+            assert_eq!(c.pop(), Ok(None));
+            done_tx.send(seq).unwrap();
+        });
+        let received = done_rx.recv_timeout(Duration::from_secs(60));
+        assert_eq!(
+            received,
+            Ok(count),
+            "consumer finished within the time limit"
+        );
+        producer.join().unwrap();
+        consumer.join().unwrap();
+    }
+
+    #[test]
+    fn two_threads_small() {
+        // Small enough for miri, which checks the pairs for data races; a tiny ring forces
+        // constant wrap, full and empty transitions.
+        two_threads(256, if cfg!(miri) { 200 } else { 20_000 }, 100);
+    }
+
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "200k records take hours under miri; two_threads_small covers it"
+    )]
+    fn two_threads_stress() {
+        let start = Instant::now();
+        two_threads(64 * 1024, 200_000, 256);
+        eprintln!("200k records in {:?}", start.elapsed());
+    }
+}
