@@ -32,7 +32,7 @@ use crate::proto::credit::data_cost;
 use crate::proto::decoder::{Decoder, Frame};
 use crate::proto::frame::{self, GoAwayReason, HandleDesc, HandleKind, Kind, ResetReason};
 use crate::proto::handshake::{Features, Handshake, Limits, Negotiated, HELLO_LEN};
-use crate::proto::{id_is_peers, IdAllocator};
+use crate::proto::{id_is_peers, DecodeError, IdAllocator};
 use crate::sys;
 
 /// What a call to [`Conn::drive`] did.
@@ -700,25 +700,25 @@ impl Conn {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
             Err(e) => {
-                self.protocol_error(&format!("receive failed: {e}"));
+                self.protocol_error(format!("receive failed: {e}").into());
                 return true;
             }
         };
         if let Err(e) = dec.handle_read(n, std::mem::take(fds)) {
-            self.protocol_error(&e.to_string());
+            self.protocol_error(e.into());
             return true;
         }
         loop {
             match dec.poll_frame() {
                 Ok(Some(frame)) => {
                     if let Err(e) = self.dispatch(frame) {
-                        self.protocol_error(&e);
+                        self.protocol_error(e);
                         return true;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    self.protocol_error(&e.to_string());
+                    self.protocol_error(e.into());
                     break;
                 }
             }
@@ -730,11 +730,11 @@ impl Conn {
     }
 
     /// Handles one frame from the peer. An `Err` is a protocol violation.
-    fn dispatch(&self, frame: Frame<'_>) -> Result<(), String> {
+    fn dispatch(&self, frame: Frame<'_>) -> Result<(), Violation> {
         let Frame { header, body, fds } = frame;
         match header.kind {
             Kind::Open => {
-                let fp = frame::parse_open(body).map_err(|e| e.to_string())?;
+                let fp = frame::parse_open(body)?;
                 let this = self.arc()?;
                 let mut t = self.lock_table();
                 self.check_new_peer_id(&t, header.chan)?;
@@ -765,7 +765,7 @@ impl Conn {
                 Ok(())
             }
             Kind::Reset => {
-                frame::parse_reset(&header, body).map_err(|e| e.to_string())?;
+                frame::parse_reset(&header, body)?;
                 let out = self
                     .lock_table()
                     .outbound
@@ -788,7 +788,7 @@ impl Conn {
                 Ok(())
             }
             Kind::Ping => {
-                let opaque = frame::parse_ping(body).map_err(|e| e.to_string())?;
+                let opaque = frame::parse_ping(body)?;
                 let mut buf = Vec::with_capacity(24);
                 frame::encode_pong(&mut buf, opaque);
                 self.send_control(&buf);
@@ -796,7 +796,7 @@ impl Conn {
             }
             Kind::Pong => Ok(()),
             Kind::GoAway => {
-                let (_, text) = frame::parse_goaway(&header, body).map_err(|e| e.to_string())?;
+                let (_, text) = frame::parse_goaway(&header, body)?;
                 self.fail(&format!("peer closed the session: {text}"));
                 Ok(())
             }
@@ -809,15 +809,15 @@ impl Conn {
         header: &frame::Header,
         body: &[u8],
         fds: Vec<OwnedFd>,
-    ) -> Result<(), String> {
-        let (descs, payload) = frame::parse_data(header, body).map_err(|e| e.to_string())?;
+    ) -> Result<(), Violation> {
+        let (descs, payload) = frame::parse_data(header, body)?;
         let cost = data_cost(body.len());
         if payload.len() > self.limits.max_message as usize {
-            return Err(format!(
+            return Err(Violation::limit(format!(
                 "message of {} bytes exceeds the limit of {}",
                 payload.len(),
                 self.limits.max_message
-            ));
+            )));
         }
         let this = self.arc()?;
         let mut t = self.lock_table();
@@ -834,8 +834,8 @@ impl Conn {
             .inbound
             .get(&chan)
             .cloned()
-            .ok_or_else(|| format!("data on unknown channel {chan}"))?;
-        inchan.handle_data(cost)?;
+            .ok_or_else(|| Violation::from(format!("data on unknown channel {chan}")))?;
+        inchan.handle_data(cost).map_err(Violation::limit)?;
         let mut fds = fds.into_iter();
         let mut handles = Vec::with_capacity(descs.len());
         for d in descs {
@@ -858,7 +858,9 @@ impl Conn {
                 }
                 HandleKind::SenderLocal => {
                     if id_is_peers(d.chan, self.we_connected) {
-                        return Err(format!("sender-local handle names peer channel {}", d.chan));
+                        return Err(
+                            format!("sender-local handle names peer channel {}", d.chan).into()
+                        );
                     }
                     let inbox = match t.inbound.get(&d.chan) {
                         Some(c) => c.inbox.clone(),
@@ -889,36 +891,41 @@ impl Conn {
         Ok(())
     }
 
-    fn check_new_peer_id(&self, t: &Table, id: u32) -> Result<(), String> {
+    fn check_new_peer_id(&self, t: &Table, id: u32) -> Result<(), Violation> {
         if !id_is_peers(id, self.we_connected) {
-            return Err(format!("channel id {id} belongs to this side"));
+            return Err(format!("channel id {id} belongs to this side").into());
         }
         if t.inbound.contains_key(&id)
             || t.outbound.contains_key(&id)
             || t.reset_inbound.contains(&id)
         {
-            return Err(format!("channel id {id} is already in use"));
+            return Err(format!("channel id {id} is already in use").into());
         }
         if t.inbound.len() + t.outbound.len() >= self.limits.max_channels as usize {
-            return Err("too many channels".into());
+            return Err(Violation::limit("too many channels"));
         }
         Ok(())
     }
 
     /// The `Arc` holding this session: channels opened by a frame keep the session alive.
-    fn arc(&self) -> Result<Arc<Conn>, String> {
+    fn arc(&self) -> Result<Arc<Conn>, Violation> {
         self.me
             .upgrade()
-            .ok_or_else(|| "session is shutting down".to_string())
+            .ok_or_else(|| Violation::from("session is shutting down"))
     }
 
     /// A violation by the peer: say why (GOAWAY), then close.
-    fn protocol_error(&self, reason: &str) {
+    fn protocol_error(&self, v: Violation) {
         let mut buf = Vec::new();
-        let text: String = reason.chars().take(200).collect();
-        frame::encode_goaway(&mut buf, GoAwayReason::ProtocolError, &text);
+        let text: String = v.text.chars().take(200).collect();
+        let reason = if v.limits {
+            GoAwayReason::Limits
+        } else {
+            GoAwayReason::ProtocolError
+        };
+        frame::encode_goaway(&mut buf, reason, &text);
         let _ = sys::send_with_fds(self.sock.as_fd(), &[IoSlice::new(&buf)], &[]);
-        self.fail(&format!("protocol violation by peer: {reason}"));
+        self.fail(&format!("protocol violation by peer: {}", v.text));
     }
 
     /// Closes the session from this side: GOAWAY (best effort), then everything breaks.
@@ -941,7 +948,7 @@ impl Conn {
             return;
         }
         let _ = rustix::net::shutdown(&self.sock, rustix::net::Shutdown::Both);
-        let (inbound, outbound, accepts, waiters) = {
+        let (inbound, outbound, waiters) = {
             let mut t = self.lock_table();
             t.error.get_or_insert_with(|| reason.to_string());
             t.reset_inbound.clear();
@@ -951,13 +958,9 @@ impl Conn {
                 .drain()
                 .filter_map(|(_, w)| w.upgrade())
                 .collect();
-            let accepts: Vec<_> = t.accepts.drain(..).collect();
-            (
-                inbound,
-                outbound,
-                accepts,
-                std::mem::take(&mut t.accept_waiters),
-            )
+            // Channels the peer opened stay acceptable: what arrived on them before the end is
+            // delivered, then their receivers report how the session ended.
+            (inbound, outbound, std::mem::take(&mut t.accept_waiters))
         };
         for c in inbound {
             c.inbox.remove_feed(self, true);
@@ -965,7 +968,6 @@ impl Conn {
         for o in outbound {
             o.wake();
         }
-        drop(accepts);
         waiters.into_iter().for_each(|t| t.unpark());
         self.wake_seat_waiters();
     }
@@ -997,6 +999,52 @@ impl Drop for Conn {
                     Some(Duration::from_millis(10)),
                 );
             }
+        }
+    }
+}
+
+/// Why the peer's input was refused: a broken rule, or an exceeded limit (GOAWAY reason 2).
+struct Violation {
+    limits: bool,
+    text: String,
+}
+
+impl Violation {
+    fn limit(text: impl Into<String>) -> Self {
+        Self {
+            limits: true,
+            text: text.into(),
+        }
+    }
+}
+
+impl From<String> for Violation {
+    fn from(text: String) -> Self {
+        Self {
+            limits: false,
+            text,
+        }
+    }
+}
+
+impl From<&str> for Violation {
+    fn from(text: &str) -> Self {
+        text.to_string().into()
+    }
+}
+
+impl From<DecodeError> for Violation {
+    fn from(e: DecodeError) -> Self {
+        let limits = matches!(
+            e,
+            DecodeError::FrameTooLarge { .. }
+                | DecodeError::MessageTooLarge { .. }
+                | DecodeError::TooManyFds { .. }
+                | DecodeError::TooManyHandles { .. }
+        );
+        Self {
+            limits,
+            text: e.to_string(),
         }
     }
 }
