@@ -230,7 +230,7 @@ pub fn archive_seeds() -> Vec<(&'static str, Vec<u8>)> {
         streams: Vec::new(),
     };
     let encode = |m: &FuzzMessage| {
-        message::encode(m, 1 << 20)
+        message::encode(m, 1 << 20, 0)
             .expect("the seed messages are small and encodable")
             .bytes
             .to_vec()

@@ -350,8 +350,12 @@ impl Inbox {
                     Drive::Busy | Drive::Dead => {}
                 }
             } else if !backoff.is_completed() {
-                // pairs with the Release store in `push`.
-                if self.len.load(Ordering::Acquire) == 0 {
+                // Spin on the length alone: taking the lock here would hold the pusher up.
+                // pairs with the Release stores of `len` in `push` and of `open_senders`.
+                while self.len.load(Ordering::Acquire) == 0
+                    && self.open_senders.load(Ordering::Acquire) != 0
+                    && !backoff.is_completed()
+                {
                     backoff.snooze();
                 }
                 continue;

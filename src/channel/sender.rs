@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rkyv::rancor::{Fallible, Source};
@@ -25,8 +26,13 @@ use crate::message::{self, fingerprint, ArchivedHandle, HandleIndex, Message};
 /// ```
 pub struct Sender<T> {
     pub(crate) core: SendCore,
+    /// Size of the last message this end encoded: the next buffer starts that large.
+    size_hint: AtomicUsize,
     _t: PhantomData<fn(T)>,
 }
+
+/// Smallest buffer a message is encoded into.
+const MIN_BUFFER: usize = 256;
 
 /// The archived form of a [`Sender`]: an index into its message's handles.
 pub type ArchivedSender<T> = ArchivedHandle<Sender<T>>;
@@ -35,6 +41,7 @@ impl<T: Message> Sender<T> {
     pub(crate) fn from_core(core: SendCore) -> Self {
         Self {
             core,
+            size_hint: AtomicUsize::new(MIN_BUFFER),
             _t: PhantomData,
         }
     }
@@ -113,10 +120,14 @@ impl<T: Message> Sender<T> {
         if self.core.is_disconnected() {
             return Err((msg, Some(Error::Disconnected)));
         }
-        let packet = match message::encode(&msg, self.core.max_message()) {
+        let hint = self.size_hint.load(Ordering::Relaxed);
+        let packet = match message::encode(&msg, self.core.max_message(), hint) {
             Ok(p) => p,
             Err(e) => return Err((msg, Some(e))),
         };
+        if packet.bytes.len() > hint {
+            self.size_hint.store(packet.bytes.len(), Ordering::Relaxed);
+        }
         match self.core.send(packet, wait) {
             Ok(()) => Ok(()),
             // The packet's handles are duplicates owned by the packet: dropping it releases
@@ -131,6 +142,7 @@ impl<T> Clone for Sender<T> {
     fn clone(&self) -> Self {
         Self {
             core: self.core.clone(),
+            size_hint: AtomicUsize::new(self.size_hint.load(Ordering::Relaxed)),
             _t: PhantomData,
         }
     }

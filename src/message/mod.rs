@@ -120,9 +120,16 @@ impl Packet {
 
 /// Serializes `value` and collects its handles. Fails with `TooLarge` when the archive would
 /// exceed `limit` bytes (checked while writing, before rkyv's 32-bit offsets could overflow).
-pub(crate) fn encode<T: Message>(value: &T, limit: usize) -> Result<Packet, Error> {
+///
+/// `capacity` sizes the buffer up front (the sender passes its last message's size), so that a
+/// typical message is written without the buffer growing.
+pub(crate) fn encode<T: Message>(
+    value: &T,
+    limit: usize,
+    capacity: usize,
+) -> Result<Packet, Error> {
     let out = LimitedVec {
-        vec: Bytes::new(),
+        vec: Bytes::with_capacity(capacity.min(limit)),
         limit,
         overflow: false,
     };
@@ -298,7 +305,7 @@ mod tests {
             x: -7,
             name: "héllo".into(),
         };
-        let packet = encode(&p, 1 << 20).unwrap();
+        let packet = encode(&p, 1 << 20, 0).unwrap();
         assert!(packet.handles.is_empty());
         let v = Validated::<Point>::new(packet.bytes).unwrap();
         assert_eq!(v.archived().x, -7);
@@ -313,7 +320,7 @@ mod tests {
             x: 1,
             name: "x".repeat(1000),
         };
-        match encode(&p, 100) {
+        match encode(&p, 100, 0) {
             Err(Error::TooLarge { limit: 100, .. }) => {}
             other => panic!("expected TooLarge, got {:?}", other.err()),
         }
@@ -327,6 +334,7 @@ mod tests {
                 name: "ab".into(),
             },
             1 << 20,
+            64,
         )
         .unwrap();
         let at = p

@@ -31,8 +31,12 @@ use std::os::fd::OwnedFd;
 use super::frame::{Header, Kind, HANDLE_LEN, HEADER_LEN, MAX_FDS};
 use super::DecodeError;
 
-/// Initial (and idle) size of the read buffer.
+/// Initial size of the read buffer.
 const INITIAL_BUF: usize = 64 * 1024;
+
+/// Largest read buffer kept once drained: bigger ones (after a huge frame) are given back, but
+/// a stream of medium messages does not pay for a fresh zeroed buffer each time.
+const KEEP_BUF: usize = 1024 * 1024;
 
 /// One complete frame: its header, its body, and the fds bound to it.
 #[derive(Debug)]
@@ -120,7 +124,7 @@ impl Decoder {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-            if self.buf.len() > INITIAL_BUF.max(min) {
+            if self.buf.len() > KEEP_BUF.max(min) {
                 // Give back the memory a huge frame needed.
                 self.buf = Vec::new();
             }
