@@ -210,6 +210,10 @@ impl Inbox {
             Some((_, n)) => *n += 1,
             None => s.feeds.push((conn.clone(), 1)),
         }
+        // A receiver parked before this session fed us must start reading it.
+        let waiters = std::mem::take(&mut s.recv_waiters);
+        drop(s);
+        wake(waiters);
         true
     }
 

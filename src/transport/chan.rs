@@ -84,7 +84,7 @@ impl OutChan {
     }
 
     pub(crate) fn is_disconnected(&self) -> bool {
-        self.reset.load(Ordering::Acquire) || self.conn.is_dead()
+        self.reset.load(Ordering::Acquire) || self.conn.cannot_send()
     }
 
     fn try_spend(&self, cost: u64) -> bool {
@@ -151,8 +151,9 @@ impl OutChan {
             };
             return Err((packet, e));
         }
+        let reset = || self.reset.load(Ordering::Acquire);
         self.conn
-            .send_data(self.id, packet)
+            .send_data(self.id, packet, &reset)
             .map_err(|e| (Packet::empty(), e))
     }
 

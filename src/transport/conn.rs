@@ -63,6 +63,9 @@ pub(crate) struct Conn {
     flushing: AtomicBool,
     /// Interrupts the reader's `poll` when a local sender fills an inbox it waits on.
     doorbell: sys::Doorbell,
+    /// Writing failed (the peer closed): nothing more can be sent, but what the peer sent
+    /// before it closed is still read and delivered.
+    write_broken: AtomicBool,
 }
 
 struct Reader {
@@ -92,6 +95,9 @@ pub(crate) struct Exported {
     /// Channels opened by this frame whose local receiver is already gone: reset them once the
     /// frame is written.
     resets: Vec<u32>,
+    /// Relays to start once the frame is written: data on a channel must not overtake the
+    /// frame that opens it.
+    relays: Vec<(RecvCore, SendCore)>,
 }
 
 impl Conn {
@@ -174,11 +180,44 @@ impl Conn {
             dead: AtomicBool::new(false),
             flushing: AtomicBool::new(false),
             doorbell,
+            write_broken: AtomicBool::new(false),
         }))
     }
 
     pub(crate) fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
+    }
+
+    /// True when nothing more can be sent on this session.
+    pub(crate) fn cannot_send(&self) -> bool {
+        self.is_dead() || self.write_broken.load(Ordering::Acquire)
+    }
+
+    /// A write failed: the peer is gone or stopped reading for good. Senders fail from now on;
+    /// reading goes on until end of stream, so messages the peer sent before it closed are
+    /// still delivered (the read side ends the session).
+    fn write_failed(&self, e: &io::Error) {
+        if self.write_broken.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let outbound: Vec<_> = self
+            .lock_table()
+            .outbound
+            .values()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for o in outbound {
+            o.wake();
+        }
+        self.lock_table()
+            .error
+            .get_or_insert_with(|| format!("write failed: {e}"));
+        // A reader blocked in poll re-checks; with nothing left to read it sees end of stream.
+        self.interrupt();
     }
 
     pub(crate) fn peer_uid(&self) -> Option<u32> {
@@ -192,6 +231,8 @@ impl Conn {
 
     /// Number of channels the session tracks (open in either direction).
     pub(crate) fn channel_count(&self) -> usize {
+        // Closes the peer sent but nobody read yet count as closed.
+        self.poll_input();
         let t = self.lock_table();
         t.inbound.len() + t.outbound.len() + t.reset_inbound.len()
     }
@@ -204,7 +245,7 @@ impl Conn {
     pub(crate) fn open(self: &Arc<Self>, fingerprint: u64) -> Result<Arc<OutChan>, Error> {
         let out = {
             let mut t = self.lock_table();
-            if self.is_dead() {
+            if self.cannot_send() {
                 return Err(Error::Disconnected);
             }
             let id = t
@@ -217,7 +258,7 @@ impl Conn {
         };
         let mut buf = Vec::with_capacity(24);
         frame::encode_open(&mut buf, out.id, fingerprint);
-        self.write_frame(&[&buf], &[])
+        self.write_frame(&[&buf], &[], &|| false)
             .map_err(|_| Error::Disconnected)?;
         Ok(out)
     }
@@ -315,6 +356,7 @@ impl Conn {
             descs: Vec::with_capacity(handles.len()),
             fds: Vec::new(),
             resets: Vec::new(),
+            relays: Vec::new(),
         };
         if handles.is_empty() {
             return Ok(out);
@@ -392,21 +434,27 @@ impl Conn {
                 out.descs.push(desc);
             }
         }
-        for (rx, tx) in proxies {
-            spawn_proxy(rx, tx);
-        }
+        out.relays = proxies;
         Ok(out)
     }
 
-    /// Writes one DATA frame for `packet` on channel `id`.
-    pub(crate) fn send_data(self: &Arc<Self>, id: u32, packet: Packet) -> Result<(), PushError> {
+    /// Writes one DATA frame for `packet` on channel `id` (see `write_frame` for `abort`).
+    pub(crate) fn send_data(
+        self: &Arc<Self>,
+        id: u32,
+        packet: Packet,
+        abort: &dyn Fn() -> bool,
+    ) -> Result<(), PushError> {
         let Packet { bytes, handles } = packet;
         let exported = self.export(handles).map_err(|_| PushError::Disconnected)?;
         let nfds = exported.fds.len() as u16;
         let mut head = Vec::with_capacity(16 + 16 * exported.descs.len());
         frame::encode_data(&mut head, id, &exported.descs, bytes.len(), nfds);
         let fds: Vec<BorrowedFd<'_>> = exported.fds.iter().map(|f| f.as_fd()).collect();
-        self.write_frame(&[&head, &bytes], &fds)?;
+        self.write_frame(&[&head, &bytes], &fds, abort)?;
+        for (rx, tx) in exported.relays {
+            spawn_proxy(rx, tx);
+        }
         for id in exported.resets {
             let mut buf = Vec::new();
             frame::encode_reset(&mut buf, id, ResetReason::ReceiverGone, "receiver dropped");
@@ -418,11 +466,18 @@ impl Conn {
     /// Writes one whole frame, with `fds` attached to its first byte. Blocks until it is out
     /// (reading the socket meanwhile if nobody else is, so two writers facing each other
     /// cannot deadlock).
+    ///
+    /// `abort` is checked while the frame has not started: a send whose channel was reset
+    /// meanwhile gives up instead of waiting for room it no longer needs.
     pub(crate) fn write_frame(
         self: &Arc<Self>,
         parts: &[&[u8]],
         fds: &[BorrowedFd<'_>],
+        abort: &dyn Fn() -> bool,
     ) -> Result<(), PushError> {
+        if self.cannot_send() {
+            return Err(PushError::Disconnected);
+        }
         let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.flush_control(true)?;
         let total: usize = parts.iter().map(|p| p.len()).sum();
@@ -441,10 +496,19 @@ impl Conn {
             let attach = if sent == 0 { fds } else { &[] };
             match sys::send_with_fds(self.sock.as_fd(), &slices, attach) {
                 Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable()?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if sent == 0 && abort() {
+                        return Err(PushError::Disconnected);
+                    }
+                    self.wait_writable()?;
+                    // The wait may have read the reset this frame's channel waits on.
+                    if sent == 0 && abort() {
+                        return Err(PushError::Disconnected);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.fail(&format!("write failed: {e}"));
+                    self.write_failed(&e);
                     return Err(PushError::Disconnected);
                 }
             }
@@ -553,9 +617,8 @@ impl Conn {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    q.clear();
                     drop(q);
-                    self.fail(&format!("write failed: {e}"));
+                    self.write_failed(&e);
                     return Err(PushError::Disconnected);
                 }
             }
@@ -572,35 +635,37 @@ impl Conn {
         matches!(sys::poll(self.sock.as_fd(), false, true, Some(timeout)), Ok(r) if r.writable)
     }
 
-    /// Waits until the socket takes more bytes, reading incoming frames meanwhile when the
-    /// reader seat is free.
+    /// Waits until the socket takes more bytes or something was read (which may have changed
+    /// what the writer waits for). Reads incoming frames meanwhile when the reader seat is
+    /// free, so two writers facing each other cannot deadlock.
     fn wait_writable(&self) -> Result<(), PushError> {
-        loop {
-            if self.is_dead() {
-                return Err(PushError::Disconnected);
-            }
-            if let Ok(mut seat) = self.reader.try_lock() {
-                let r = sys::poll(self.sock.as_fd(), true, true, None);
-                if matches!(r, Ok(r) if r.readable) {
+        if self.cannot_send() {
+            return Err(PushError::Disconnected);
+        }
+        if let Ok(mut seat) = self.reader.try_lock() {
+            let bell = self.doorbell.as_fd();
+            match sys::poll_with_doorbell(self.sock.as_fd(), bell, true, None) {
+                Ok(Some(r)) if r.readable => {
                     self.read_some(&mut seat);
                 }
-                drop(seat);
-                self.wake_seat_waiters();
-                if matches!(r, Ok(r) if r.writable) {
-                    return Ok(());
-                }
-            } else {
-                let r = sys::poll(
-                    self.sock.as_fd(),
-                    false,
-                    true,
-                    Some(Duration::from_millis(5)),
-                );
-                if matches!(r, Ok(r) if r.writable) {
-                    return Ok(());
-                }
+                Ok(Some(_)) => {}
+                Ok(None) => self.doorbell.clear(),
+                Err(e) => self.fail(&format!("poll failed: {e}")),
             }
+            drop(seat);
+            self.wake_seat_waiters();
+        } else {
+            let _ = sys::poll(
+                self.sock.as_fd(),
+                false,
+                true,
+                Some(Duration::from_millis(5)),
+            );
         }
+        if self.cannot_send() {
+            return Err(PushError::Disconnected);
+        }
+        Ok(())
     }
 
     /// Dispatches whatever the socket holds now, if no other thread is reading. Never blocks.
