@@ -1,0 +1,315 @@
+//! The transport harness: everything that differs between transports lives here.
+//!
+//! A case is a generic function over [`Transport`]; `main.rs` instantiates every case once per
+//! transport. Adding a transport is one `impl Transport` here plus one `conformance!` line.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use libchan::{Message, Msg, Receiver, RecvTimeoutError, Role, Sender, Session};
+
+/// How long any single wait in a case may take before the case fails as hung.
+pub const PATIENCE: Duration = Duration::from_secs(5);
+
+/// How long a whole case may run before the watchdog fails it.
+pub const WATCHDOG: Duration = Duration::from_secs(10);
+
+/// A transport under test.
+///
+/// Every method returns channels whose two ends both live in this process, as they would in
+/// two processes: sending and receiving are done by different threads where the volume is
+/// larger than a socket buffer (unix sessions have no I/O thread).
+pub trait Transport: Sized + Send + Sync + 'static {
+    /// Short name, used in failure messages.
+    fn name() -> &'static str;
+
+    /// A fresh harness (for session transports: a fresh connected pair).
+    fn new() -> Self;
+
+    /// A channel across the transport, ready to use. On session transports every channel made
+    /// by one harness shares the same connection.
+    fn channel<T: Message>(&self) -> (Sender<T>, Receiver<T>);
+
+    /// A channel whose receiving end is not created ("accepted") yet: messages may be sent at
+    /// once, and the returned closure produces the receiver later. It runs on a connection of
+    /// its own so that other channels never race for the pending accept.
+    fn late_channel<T: Message>(&self) -> (Sender<T>, LateReceiver<T>);
+
+    /// A sender into a channel that nobody ever accepts or reads, on the same connection as
+    /// [`channel`](Transport::channel)'s channels (it travels in the opposite direction on
+    /// session transports, so that the pending accept cannot be taken by `channel`). Dropping
+    /// the returned guard makes the channel's far end go away (on session transports it closes
+    /// the connection), which unblocks its senders.
+    fn unaccepted<T: Message>(&self) -> (Sender<T>, Box<dyn std::any::Any + Send>);
+
+    /// A channel on a connection that nothing else holds: once both ends are dropped the
+    /// connection itself closes (gracefully).
+    fn channel_alone<T: Message>() -> (Sender<T>, Receiver<T>);
+
+    /// Whether messages may carry fds and byte streams on this transport.
+    fn passes_fds() -> bool;
+
+    /// The largest message a channel of this transport must refuse to carry, if testing the
+    /// limit is affordable (it is not for mem: its limit is 2 GiB).
+    fn max_message() -> Option<usize>;
+
+    /// The two sessions under the channels, on session transports: `(sending side, receiving
+    /// side)` of [`channel`](Transport::channel)'s channels.
+    fn sessions(&self) -> Option<(Arc<Session>, Arc<Session>)>;
+
+    /// Channels tracked by the connection, both sides together, after reading whatever frames
+    /// are pending; `None` on transports without connection tables.
+    fn channel_count(&self) -> Option<usize>;
+
+    /// A raw byte stream to a freshly handshaken session: the test speaks the wire protocol on
+    /// the stream itself (docs/PROTOCOL.md). `None` when the transport has no wire.
+    fn raw_peer() -> Option<(UnixStream, Session)>;
+}
+
+/// Produces the receiving end of a [`Transport::late_channel`].
+pub type LateReceiver<T> = Box<dyn FnOnce() -> Receiver<T> + Send>;
+
+/// The in-process transport: `libchan::pipe`.
+pub struct MemT;
+
+impl Transport for MemT {
+    fn name() -> &'static str {
+        "mem"
+    }
+
+    fn new() -> Self {
+        MemT
+    }
+
+    fn channel<T: Message>(&self) -> (Sender<T>, Receiver<T>) {
+        libchan::pipe()
+    }
+
+    fn late_channel<T: Message>(&self) -> (Sender<T>, LateReceiver<T>) {
+        // A pipe's receiver exists from the start; "late" means nobody receives until later.
+        let (tx, rx) = libchan::pipe();
+        (tx, Box::new(move || rx))
+    }
+
+    fn unaccepted<T: Message>(&self) -> (Sender<T>, Box<dyn std::any::Any + Send>) {
+        let (tx, rx) = libchan::pipe::<T>();
+        (tx, Box::new(rx))
+    }
+
+    fn channel_alone<T: Message>() -> (Sender<T>, Receiver<T>) {
+        libchan::pipe()
+    }
+
+    fn passes_fds() -> bool {
+        true
+    }
+
+    fn max_message() -> Option<usize> {
+        // The mem limit is rkyv's 2 GiB reach: allocating that in a test is not affordable.
+        None
+    }
+
+    fn sessions(&self) -> Option<(Arc<Session>, Arc<Session>)> {
+        None
+    }
+
+    fn channel_count(&self) -> Option<usize> {
+        None
+    }
+
+    fn raw_peer() -> Option<(UnixStream, Session)> {
+        None
+    }
+}
+
+/// Unix stream sessions: a `Session::pair` in this process.
+pub struct UnixT {
+    /// Opens the channels of `channel()` (the connector).
+    a: Arc<Session>,
+    /// Accepts them (the acceptor).
+    b: Arc<Session>,
+}
+
+impl Transport for UnixT {
+    fn name() -> &'static str {
+        "unix"
+    }
+
+    fn new() -> Self {
+        let (a, b) = Session::pair().expect("Session::pair");
+        UnixT {
+            a: Arc::new(a),
+            b: Arc::new(b),
+        }
+    }
+
+    fn channel<T: Message>(&self) -> (Sender<T>, Receiver<T>) {
+        // open_channel does not block, and accept_channel reads the OPEN frame itself.
+        let tx = self.a.open_channel::<T>().expect("open_channel");
+        let rx = self
+            .b
+            .accept_channel_timeout::<T>(PATIENCE)
+            .expect("accept_channel");
+        (tx, rx)
+    }
+
+    fn late_channel<T: Message>(&self) -> (Sender<T>, LateReceiver<T>) {
+        let (a, b) = Session::pair().expect("Session::pair");
+        let tx = a.open_channel::<T>().expect("open_channel");
+        (
+            tx,
+            Box::new(move || {
+                b.accept_channel_timeout::<T>(PATIENCE)
+                    .expect("accept_channel")
+            }),
+        )
+    }
+
+    fn unaccepted<T: Message>(&self) -> (Sender<T>, Box<dyn std::any::Any + Send>) {
+        let tx = self.b.open_channel::<T>().expect("open_channel");
+        (tx, Box::new(CloseOnDrop(self.b.clone())))
+    }
+
+    fn channel_alone<T: Message>() -> (Sender<T>, Receiver<T>) {
+        let (a, b) = Session::pair().expect("Session::pair");
+        let tx = a.open_channel::<T>().expect("open_channel");
+        let rx = b
+            .accept_channel_timeout::<T>(PATIENCE)
+            .expect("accept_channel");
+        (tx, rx)
+    }
+
+    fn passes_fds() -> bool {
+        true
+    }
+
+    fn max_message() -> Option<usize> {
+        Some(16 << 20)
+    }
+
+    fn sessions(&self) -> Option<(Arc<Session>, Arc<Session>)> {
+        Some((self.a.clone(), self.b.clone()))
+    }
+
+    fn channel_count(&self) -> Option<usize> {
+        // Nothing reads an idle session: CLOSE frames sit in the socket until some thread
+        // waits on it. A short accept makes this thread read both sides; every case accepts
+        // its channels at once, so no pending accept can be taken (and refused) here.
+        for s in [&self.a, &self.b] {
+            let _ = s.accept_channel_timeout::<Pump>(Duration::from_millis(20));
+        }
+        Some(self.a.channel_count() + self.b.channel_count())
+    }
+
+    fn raw_peer() -> Option<(UnixStream, Session)> {
+        let (mut raw, theirs) = UnixStream::pair().expect("socketpair");
+        // Our hello first: the handshake then completes without a second thread.
+        raw.write_all(&crate::wire::hello()).expect("write hello");
+        let session = Session::from_unix_stream(theirs, Role::Acceptor).expect("handshake");
+        let mut peer_hello = [0u8; 32];
+        raw.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        raw.read_exact(&mut peer_hello).expect("read hello");
+        assert_eq!(&peer_hello[..4], b"LCHN");
+        Some((raw, session))
+    }
+}
+
+/// Closes a session when dropped: the far end of an unaccepted channel "goes away".
+struct CloseOnDrop(Arc<Session>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// A message type no case opens a channel for (used to drive sessions in `channel_count`).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Pump;
+
+/// Runs `body` on its own thread; a hang becomes a failure after `WATCHDOG` and a panic in the
+/// body fails the test with the body's message.
+pub fn watchdog<F: FnOnce() + Send + 'static>(name: &str, body: F) {
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let handle = thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            body();
+            let _ = done_tx.send(());
+        })
+        .expect("spawn test body");
+    match done_rx.recv_timeout(WATCHDOG) {
+        Ok(()) => handle.join().expect("body finished"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            // The body panicked: fail with its message.
+            if let Err(e) = handle.join() {
+                std::panic::resume_unwind(e);
+            }
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{name}: hung for more than {WATCHDOG:?}")
+        }
+    }
+}
+
+/// Receives the next message or fails the case after `PATIENCE`.
+#[track_caller]
+pub fn next<T: Message>(rx: &Receiver<T>) -> Msg<T> {
+    match rx.recv_timeout(PATIENCE) {
+        Ok(m) => m,
+        Err(e) => panic!("expected a message, got {e:?}"),
+    }
+}
+
+/// Receives the end of the channel, or fails: a message, or nothing within `PATIENCE`.
+#[track_caller]
+pub fn end<T: Message>(rx: &Receiver<T>) -> RecvTimeoutError {
+    match rx.recv_timeout(PATIENCE) {
+        Ok(_) => panic!("expected the channel to end, got a message"),
+        Err(RecvTimeoutError::Timeout) => panic!("the channel did not end in {PATIENCE:?}"),
+        Err(e) => e,
+    }
+}
+
+/// Spawns a named helper thread of a case.
+pub fn spawn<R: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> thread::JoinHandle<R> {
+    thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .expect("spawn")
+}
+
+/// Joins a helper thread, failing the case if it panicked or is still running after
+/// `PATIENCE` (the watchdog would catch it too, with a less precise message).
+#[track_caller]
+pub fn join<R>(h: thread::JoinHandle<R>) -> R {
+    let deadline = Instant::now() + PATIENCE;
+    while !h.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "helper thread {:?} did not finish in {PATIENCE:?}",
+            h.thread().name()
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    match h.join() {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e),
+    }
+}
+
+/// Polls `cond` until it holds, failing after `PATIENCE`.
+#[track_caller]
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
