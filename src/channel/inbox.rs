@@ -266,6 +266,7 @@ impl Inbox {
     /// Pushes a message from a local sender, waiting for room as `wait` allows.
     pub(crate) fn push(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {
         let mut packet = Some(packet);
+        let backoff = Backoff::new();
         loop {
             let mut s = self.lock();
             if s.receivers == 0 {
@@ -299,6 +300,18 @@ impl Inbox {
                     PushError::Timeout
                 };
                 return Err((packet.take().expect("packet is pushed once"), kind));
+            }
+            if !backoff.is_completed() {
+                // The receiver is usually draining right now: spin on the length (without the
+                // lock, which it needs) before paying for a park and a wake-up.
+                drop(s);
+                while self.len.load(Ordering::Relaxed) >= self.cap
+                    && self.open_receivers.load(Ordering::Relaxed) != 0
+                    && !backoff.is_completed()
+                {
+                    backoff.snooze();
+                }
+                continue;
             }
             let me = thread::current();
             s.send_waiters.push(me.clone());

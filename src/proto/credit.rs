@@ -30,7 +30,7 @@ pub(crate) fn data_cost(body_len: usize) -> u64 {
 
 /// The sending side of one channel's flow control.
 ///
-/// ```ignore
+/// ```text
 /// let mut credit = SendCredit::new(negotiated.peer_window);
 /// if credit.can_send() {
 ///     credit.spend(data_cost(body_len));
@@ -76,7 +76,7 @@ impl SendCredit {
 
 /// The receiving side of one channel's flow control.
 ///
-/// ```ignore
+/// ```text
 /// let mut window = RecvWindow::new(negotiated.local_window, negotiated.max_frame);
 /// window.handle_data(data_cost(body.len()))?; // on arrival; error => GOAWAY
 /// if let Some(grant) = window.consume(cost) { // when the application takes it

@@ -51,7 +51,7 @@ pub(crate) struct Frame<'a> {
 
 /// Decodes frames from a byte stream with attached fd batches.
 ///
-/// ```ignore
+/// ```text
 /// let mut dec = Decoder::new(negotiated.max_frame, negotiated.max_message);
 /// let n = socket.recv_with_fds(dec.read_buf(4096), &mut fds)?; // in the transport
 /// dec.handle_read(n, fds)?;
@@ -106,7 +106,7 @@ impl Decoder {
     /// Sets whether fds may arrive at all: `false` unless the `FDS` feature was negotiated
     /// (the default is `true`). With `false`, any fd is [`DecodeError::FdsNotNegotiated`].
     ///
-    /// ```ignore
+    /// ```text
     /// let dec = Decoder::new(n.max_frame, n.max_message)
     ///     .with_fds_allowed(n.features.contains(Features::FDS));
     /// ```

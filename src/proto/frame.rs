@@ -78,7 +78,7 @@ impl Kind {
 
 /// A frame header.
 ///
-/// ```ignore
+/// ```text
 /// let h = Header::new(Kind::Credit, 3, 4096, 0);
 /// assert_eq!(Header::parse(&h.encode()), Ok(h));
 /// ```
@@ -223,7 +223,7 @@ impl HandleKind {
 
 /// One 16-byte handle descriptor from a DATA body.
 ///
-/// ```ignore
+/// ```text
 /// let d = HandleDesc { kind: HandleKind::Receiver, chan: 5, fingerprint: 7 };
 /// assert_eq!(HandleDesc::parse(&d.encode(), 0), Ok(d));
 /// ```

@@ -32,7 +32,7 @@ pub(crate) const MIN_WINDOW: u32 = 4096;
 
 /// Optional capabilities, as a bitmask; the session uses those both sides announce.
 ///
-/// ```ignore
+/// ```text
 /// assert!(!(Features::FDS & Features::from_bits(0)).contains(Features::FDS));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -72,7 +72,7 @@ impl BitAnd for Features {
 
 /// What one side announces in its hello.
 ///
-/// ```ignore
+/// ```text
 /// let limits = Limits { window: 1 << 20, ..Limits::default() };
 /// let hs = Handshake::new(limits);
 /// ```
@@ -286,7 +286,7 @@ impl From<DecodeError> for HandshakeError {
 
 /// The handshake state machine for one side of a connection.
 ///
-/// ```ignore
+/// ```text
 /// let mut a = Handshake::new(Limits::default());
 /// let mut b = Handshake::new(Limits::default());
 /// let (ha, hb) = (a.poll_transmit().unwrap(), b.poll_transmit().unwrap());

@@ -41,7 +41,7 @@ use frame::Kind;
 /// numbers and `'static` strings, so it can be stored in a poisoned decoder and returned
 /// again without allocation.
 ///
-/// ```ignore
+/// ```text
 /// let err = DecodeError::UnknownKind(99);
 /// assert_eq!(err.to_string(), "unknown frame kind 99");
 /// ```
@@ -188,7 +188,7 @@ impl std::error::Error for DecodeError {}
 /// channel. The transport uses this to reject an OPEN or a SENDER/RECEIVER descriptor that
 /// names an id the peer may not create.
 ///
-/// ```ignore
+/// ```text
 /// assert!(id_is_peers(2, true)); // we connected: the peer's ids are even
 /// assert!(!id_is_peers(0, true));
 /// assert!(id_is_peers(1, false));
@@ -202,7 +202,7 @@ pub(crate) fn id_is_peers(id: u32, we_connected: bool) -> bool {
 /// Ids are never reused within a session, so the allocator only counts up; after about two
 /// billion channels it is exhausted and [`IdAllocator::next`] returns `None`.
 ///
-/// ```ignore
+/// ```text
 /// let mut ids = IdAllocator::new(true);
 /// assert_eq!(ids.next(), Some(1));
 /// assert_eq!(ids.next(), Some(3));
