@@ -831,23 +831,13 @@ impl Conn {
             }
             Kind::Reset => {
                 frame::parse_reset(&header, body)?;
-                let out = self
-                    .lock_table()
-                    .outbound
-                    .get(&header.chan)
-                    .and_then(|w| w.upgrade());
-                if let Some(o) = out {
+                if let Some(o) = self.outbound(header.chan) {
                     o.mark_reset();
                 }
                 Ok(())
             }
             Kind::Credit => {
-                let out = self
-                    .lock_table()
-                    .outbound
-                    .get(&header.chan)
-                    .and_then(|w| w.upgrade());
-                if let Some(o) = out {
+                if let Some(o) = self.outbound(header.chan) {
                     o.grant(header.arg);
                 }
                 Ok(())
@@ -954,6 +944,14 @@ impl Conn {
             inchan.consumed(&entry.packet);
         }
         Ok(())
+    }
+
+    /// The live channel we send on as `id`, if any (CREDIT and RESET for others are ignored).
+    fn outbound(&self, id: u32) -> Option<Arc<OutChan>> {
+        self.lock_table()
+            .outbound
+            .get(&id)
+            .and_then(|w| w.upgrade())
     }
 
     fn check_new_peer_id(&self, t: &Table, id: u32) -> Result<(), Violation> {
