@@ -619,3 +619,27 @@ fn limit_violations_say_limits_exceeded() {
             .unwrap();
     });
 }
+
+/// A peer that sends PINGs and never reads cannot make the PONGs owed to it pile up without
+/// bound: once they exceed the control-queue limit its session is closed, and others go on.
+#[test]
+fn ping_flood_from_a_peer_that_never_reads_closes_the_session() {
+    with_timeout(Duration::from_secs(10), || {
+        let healthy = Healthy::start();
+        let (raw, session) = established();
+        let driver = drive(session.clone());
+        let ping = frame(6, 0, 0, 0, &[0x5a; 8]);
+        // 4 MiB of PINGs: their PONGs fill the socket back to us (never read) and then the
+        // queue, whose limit is 1 MiB.
+        let bytes: Vec<u8> = ping
+            .iter()
+            .copied()
+            .cycle()
+            .take(ping.len() * 180_000)
+            .collect();
+        let writer = write_in_background(&raw, bytes);
+        assert_broken(&session, driver, "does not read");
+        drop(writer);
+        healthy.check();
+    });
+}

@@ -35,6 +35,10 @@ use crate::proto::handshake::{Features, Handshake, Limits, Negotiated, HELLO_LEN
 use crate::proto::{id_is_peers, DecodeError, IdAllocator};
 use crate::sys;
 
+/// Most bytes of control frames (credit, close, reset, pong) queued for a peer that does not
+/// read. Credit, close and reset frames are bounded by the channel table; PONGs are not.
+const MAX_CONTROL_QUEUE: usize = 1 << 20;
+
 /// What a call to [`Conn::drive`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Drive {
@@ -521,13 +525,20 @@ impl Conn {
 
     /// Queues a control frame and writes it now if the writer is free.
     pub(crate) fn send_control(&self, bytes: &[u8]) {
-        if self.is_dead() {
+        if self.cannot_send() {
             return;
         }
-        self.control
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(bytes);
+        let queued = {
+            let mut q = self.control.lock().unwrap_or_else(|e| e.into_inner());
+            q.extend_from_slice(bytes);
+            q.len()
+        };
+        if queued > MAX_CONTROL_QUEUE {
+            // Only a peer that keeps sending (PINGs, say) while never reading gets here: its
+            // answers would pile up without bound.
+            self.fail("peer does not read: its control frames exceed the queue limit");
+            return;
+        }
         self.try_flush_control();
     }
 
@@ -1010,10 +1021,14 @@ impl Conn {
         if self.dead.swap(true, Ordering::AcqRel) {
             return;
         }
+        // The reason first: the shutdown below makes concurrent writes fail, and theirs is not
+        // the reason.
+        self.lock_table()
+            .error
+            .get_or_insert_with(|| reason.to_string());
         let _ = rustix::net::shutdown(&self.sock, rustix::net::Shutdown::Both);
         let (inbound, outbound, waiters) = {
             let mut t = self.lock_table();
-            t.error.get_or_insert_with(|| reason.to_string());
             t.reset_inbound.clear();
             let inbound: Vec<_> = t.inbound.drain().map(|(_, c)| c).collect();
             let outbound: Vec<_> = t
