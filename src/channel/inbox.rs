@@ -177,16 +177,18 @@ impl Inbox {
             let feeds = std::mem::take(&mut s.feeds);
             (dropped, std::mem::take(&mut s.send_waiters), feeds)
         };
+        // Sessions feeding us tell their peers the receiver is gone (RESET), before the credit
+        // of the dropped messages goes back: a sender blocked for credit must see the reset
+        // first, or it would send into a channel that no longer has a receiver.
+        for (conn, _) in feeds {
+            conn.receiver_gone(self);
+        }
         // Dropping the entries outside the lock: their handles may close channels that lead
         // back here. Their credit is still returned so a session's window stays honest.
         for e in dropped {
             if let Some(c) = &e.credit {
                 c.consumed(&e.packet);
             }
-        }
-        // Sessions feeding us tell their peers the receiver is gone (RESET).
-        for (conn, _) in feeds {
-            conn.receiver_gone(self);
         }
         wake(waiters);
     }
