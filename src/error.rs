@@ -119,6 +119,14 @@ pub enum Error {
         /// Largest size the session accepts.
         limit: usize,
     },
+    /// A message carries more handles (or file descriptors) than one frame can: at most 1024
+    /// handles, of which at most 253 fds or byte streams, on a session.
+    TooManyHandles {
+        /// Handles (or fds) the message carries.
+        count: usize,
+        /// The most one message may carry.
+        limit: usize,
+    },
     /// The session is closed or the peer is gone.
     Disconnected,
     /// No peer or channel arrived before the deadline.
@@ -278,6 +286,9 @@ impl fmt::Display for Error {
             ),
             Self::TooLarge { size, limit } => {
                 write!(f, "message of {size} bytes exceeds the limit of {limit} bytes")
+            }
+            Self::TooManyHandles { count, limit } => {
+                write!(f, "message carries {count} handles (or fds); the limit is {limit}")
             }
             Self::Disconnected => f.write_str("session disconnected"),
             Self::Timeout => f.write_str("timed out"),

@@ -136,3 +136,34 @@ fn mixed_sources_wake_the_receiver() {
     got.sort();
     assert_eq!(got, [0, 1, 2, 100, 101, 102, 200, 201, 202]);
 }
+
+/// A message with more fds than one frame can carry is refused with a clear error, not a
+/// panic, and the channel stays usable.
+#[test]
+fn too_many_fds_in_one_message_is_an_error() {
+    let (a, b) = Session::pair().unwrap();
+    let tx = a.open_channel::<Vec<Fd>>().unwrap();
+    let rx = b.accept_channel::<Vec<Fd>>().unwrap();
+    let many: Vec<Fd> = (0..300)
+        .map(|_| Fd::new(std::fs::File::open("/dev/null").unwrap()))
+        .collect();
+    match tx.send_checked(many) {
+        Err((
+            back,
+            Error::TooManyHandles {
+                count: 300,
+                limit: 253,
+            },
+        )) => assert_eq!(back.len(), 300),
+        other => panic!(
+            "expected TooManyHandles, got {:?}",
+            other.err().map(|e| e.1)
+        ),
+    }
+    let few: Vec<Fd> = (0..3)
+        .map(|_| Fd::new(std::fs::File::open("/dev/null").unwrap()))
+        .collect();
+    tx.send(few).unwrap();
+    let m = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(m.into_owned().unwrap().len(), 3);
+}

@@ -9,7 +9,9 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use super::inbox::{Entry, Inbox, PopError, PushError, Wait};
+use crate::error::Error;
 use crate::message::Packet;
+use crate::proto::frame::{MAX_FDS, MAX_HANDLES};
 use crate::transport::OutChan;
 
 /// One entry of a message's handle table.
@@ -43,6 +45,33 @@ impl SendCore {
             SendCore::Local(_) => MAX_LOCAL_MESSAGE,
             SendCore::Remote(out) => out.max_message(),
         }
+    }
+
+    /// Checks that `packet`'s handles fit one message on this end (a frame carries at most 1024
+    /// handle descriptors, at most 253 of them fds).
+    pub(crate) fn check_handles(&self, packet: &Packet) -> Result<(), Error> {
+        if let SendCore::Local(_) = self {
+            return Ok(());
+        }
+        let fds = packet
+            .handles
+            .iter()
+            .filter(|h| matches!(h, Handle::Fd(_) | Handle::Stream(_)))
+            .count();
+        let (max_handles, max_fds) = (MAX_HANDLES as usize, usize::from(MAX_FDS));
+        if packet.handles.len() > max_handles {
+            return Err(Error::TooManyHandles {
+                count: packet.handles.len(),
+                limit: max_handles,
+            });
+        }
+        if fds > max_fds {
+            return Err(Error::TooManyHandles {
+                count: fds,
+                limit: max_fds,
+            });
+        }
+        Ok(())
     }
 
     pub(crate) fn send(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {

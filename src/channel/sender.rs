@@ -128,6 +128,9 @@ impl<T: Message> Sender<T> {
         if packet.bytes.len() > hint {
             self.size_hint.store(packet.bytes.len(), Ordering::Relaxed);
         }
+        if let Err(e) = self.core.check_handles(&packet) {
+            return Err((msg, Some(e)));
+        }
         match self.core.send(packet, wait) {
             Ok(()) => Ok(()),
             // The packet's handles are duplicates owned by the packet: dropping it releases
