@@ -1,9 +1,10 @@
 //! The receiving side of every channel: a bounded FIFO of encoded messages.
 //!
 //! Local senders push into the inbox directly; a session pushes the messages it reads for the
-//! channel. A waiting receiver first spins (crossbeam's `Backoff`), then, when a session feeds
-//! the inbox and nobody is reading that session's socket, reads it itself (so a reply costs one
-//! kernel wake-up, not two); otherwise it parks until a pusher unparks it.
+//! channel. A waiting receiver reads the session itself when one feeds the inbox and nobody is
+//! reading its socket (so a reply costs one kernel wake-up, not two); otherwise it spins for up
+//! to 10 us, checking after every pause (`spin_until`), and then parks until a pusher unparks
+//! it. A sender facing a full inbox spins and parks the same way.
 //!
 //! Invariants (all under `state`'s lock):
 //! - `senders` counts live local `SendCore`s plus open session feeds; the inbox is *closed* when
@@ -18,9 +19,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, Thread};
-use std::time::Instant;
-
-use crossbeam_utils::Backoff;
+use std::time::{Duration, Instant};
 
 use crate::message::Packet;
 use crate::transport::{Conn, Drive, InChan};
@@ -268,7 +267,7 @@ impl Inbox {
     /// Pushes a message from a local sender, waiting for room as `wait` allows.
     pub(crate) fn push(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {
         let mut packet = Some(packet);
-        let backoff = Backoff::new();
+        let mut spun = false;
         loop {
             let mut s = self.lock();
             if s.receivers == 0 {
@@ -303,16 +302,15 @@ impl Inbox {
                 };
                 return Err((packet.take().expect("packet is pushed once"), kind));
             }
-            if !backoff.is_completed() {
+            if !spun {
                 // The receiver is usually draining right now: spin on the length (without the
                 // lock, which it needs) before paying for a park and a wake-up.
                 drop(s);
-                while self.len.load(Ordering::Relaxed) >= self.cap
-                    && self.open_receivers.load(Ordering::Relaxed) != 0
-                    && !backoff.is_completed()
-                {
-                    backoff.snooze();
-                }
+                spun = true;
+                spin_until(|| {
+                    self.len.load(Ordering::Relaxed) < self.cap
+                        || self.open_receivers.load(Ordering::Relaxed) == 0
+                });
                 continue;
             }
             let me = thread::current();
@@ -325,7 +323,7 @@ impl Inbox {
 
     /// Takes the next message, waiting as `wait` allows.
     pub(crate) fn pop(&self, wait: Wait) -> Result<Entry, PopError> {
-        let backoff = Backoff::new();
+        let mut spun = false;
         loop {
             let feed = {
                 let mut s = self.lock();
@@ -368,15 +366,14 @@ impl Inbox {
                     Drive::Progress => continue,
                     Drive::Busy | Drive::Dead => {}
                 }
-            } else if !backoff.is_completed() {
+            } else if !spun {
                 // Spin on the length alone: taking the lock here would hold the pusher up.
                 // pairs with the Release stores of `len` in `push` and of `open_senders`.
-                while self.len.load(Ordering::Acquire) == 0
-                    && self.open_senders.load(Ordering::Acquire) != 0
-                    && !backoff.is_completed()
-                {
-                    backoff.snooze();
-                }
+                spun = true;
+                spin_until(|| {
+                    self.len.load(Ordering::Acquire) != 0
+                        || self.open_senders.load(Ordering::Acquire) == 0
+                });
                 continue;
             }
             let me = thread::current();
@@ -396,6 +393,38 @@ impl Inbox {
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }
+}
+
+/// How long a receiver busy-waits before it parks. A park and wake-up across cores costs tens
+/// of microseconds on the machines libchan is measured on; a reply that comes sooner than this
+/// is caught without one.
+const SPIN_FOR: Duration = Duration::from_micros(10);
+
+/// Busy-waits until `ready` holds (true) or `SPIN_FOR` passes (false), then yields the core a
+/// few times before giving up. It checks after every pause, not in exponentially growing
+/// rounds as crossbeam's `Backoff` does, so a message is seen within a pause of its arrival
+/// however long the wait has been.
+fn spin_until(ready: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    let mut i: u32 = 0;
+    loop {
+        if ready() {
+            return true;
+        }
+        std::hint::spin_loop();
+        i = i.wrapping_add(1);
+        if i % 64 == 0 && start.elapsed() > SPIN_FOR {
+            break;
+        }
+    }
+    // More runnable threads than cores is normal here: let another one run before parking.
+    for _ in 0..3 {
+        thread::yield_now();
+        if ready() {
+            return true;
+        }
+    }
+    false
 }
 
 fn wake(waiters: Vec<Thread>) {
