@@ -1,0 +1,262 @@
+//! Incoming frames: every rule a peer can break is checked here, and a broken one becomes a
+//! `Violation` that closes the session with a GOAWAY saying why.
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use super::super::chan::{InChan, OutChan};
+use crate::channel::{Entry, Handle, Inbox, RecvCore, SendCore, DEFAULT_CAPACITY};
+use crate::message::{Bytes, Packet};
+use crate::proto::credit::data_cost;
+use crate::proto::decoder::Frame;
+use crate::proto::frame::{self, GoAwayReason, HandleKind, Kind};
+use crate::proto::{id_is_peers, DecodeError};
+use crate::sys;
+
+use super::{Conn, Table};
+
+/// Why the peer's input was refused: a broken rule, or an exceeded limit (GOAWAY reason 2).
+pub(super) struct Violation {
+    limits: bool,
+    text: String,
+}
+
+impl Violation {
+    fn limit(text: impl Into<String>) -> Self {
+        Self {
+            limits: true,
+            text: text.into(),
+        }
+    }
+}
+
+impl From<String> for Violation {
+    fn from(text: String) -> Self {
+        Self {
+            limits: false,
+            text,
+        }
+    }
+}
+
+impl From<&str> for Violation {
+    fn from(text: &str) -> Self {
+        text.to_string().into()
+    }
+}
+
+impl From<DecodeError> for Violation {
+    fn from(e: DecodeError) -> Self {
+        let limits = matches!(
+            e,
+            DecodeError::FrameTooLarge { .. }
+                | DecodeError::MessageTooLarge { .. }
+                | DecodeError::TooManyFds { .. }
+                | DecodeError::TooManyHandles { .. }
+        );
+        Self {
+            limits,
+            text: e.to_string(),
+        }
+    }
+}
+
+impl Conn {
+    /// Handles one frame from the peer. An `Err` is a protocol violation.
+    pub(super) fn dispatch(&self, frame: Frame<'_>) -> Result<(), Violation> {
+        let Frame { header, body, fds } = frame;
+        match header.kind {
+            Kind::Open => {
+                let fp = frame::parse_open(body)?;
+                let this = self.arc()?;
+                let mut t = self.lock_table();
+                self.check_new_peer_id(&t, header.chan)?;
+                let inbox = Inbox::new(DEFAULT_CAPACITY);
+                let rx = RecvCore::new(inbox.clone());
+                inbox.add_feed(&this);
+                t.inbound
+                    .insert(header.chan, InChan::new(&this, header.chan, inbox));
+                t.accepts.push_back((header.chan, fp, rx));
+                let waiters = std::mem::take(&mut t.accept_waiters);
+                drop(t);
+                waiters.into_iter().for_each(|t| t.unpark());
+                Ok(())
+            }
+            Kind::Data => self.dispatch_data(header.chan, &header, body, fds),
+            Kind::Close => {
+                let c = {
+                    let mut t = self.lock_table();
+                    if t.reset_inbound.remove(&header.chan) {
+                        None
+                    } else {
+                        t.inbound.remove(&header.chan)
+                    }
+                };
+                if let Some(c) = c {
+                    c.inbox.remove_feed(self, false);
+                }
+                Ok(())
+            }
+            Kind::Reset => {
+                frame::parse_reset(&header, body)?;
+                if let Some(o) = self.outbound(header.chan) {
+                    o.mark_reset();
+                }
+                Ok(())
+            }
+            Kind::Credit => {
+                if let Some(o) = self.outbound(header.chan) {
+                    o.grant(header.arg);
+                }
+                Ok(())
+            }
+            Kind::Ping => {
+                let opaque = frame::parse_ping(body)?;
+                let mut buf = Vec::with_capacity(24);
+                frame::encode_pong(&mut buf, opaque);
+                self.send_control(&buf);
+                Ok(())
+            }
+            Kind::Pong => Ok(()),
+            Kind::GoAway => {
+                let (_, text) = frame::parse_goaway(&header, body)?;
+                self.fail(&format!("peer closed the session: {text}"));
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn dispatch_data(
+        &self,
+        chan: u32,
+        header: &frame::Header,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Violation> {
+        let (descs, payload) = frame::parse_data(header, body)?;
+        let cost = data_cost(body.len());
+        if payload.len() > self.limits.max_message as usize {
+            return Err(Violation::limit(format!(
+                "message of {} bytes exceeds the limit of {}",
+                payload.len(),
+                self.limits.max_message
+            )));
+        }
+        let this = self.arc()?;
+        let mut t = self.lock_table();
+        if t.reset_inbound.contains(&chan) {
+            drop(t);
+            // Discarded, but its credit goes back so the peer's window stays honest.
+            let mut buf = Vec::with_capacity(16);
+            frame::encode_credit(&mut buf, chan, cost.min(u64::from(u32::MAX)) as u32);
+            self.send_control(&buf);
+            drop(fds);
+            return Ok(());
+        }
+        let inchan = t
+            .inbound
+            .get(&chan)
+            .cloned()
+            .ok_or_else(|| Violation::from(format!("data on unknown channel {chan}")))?;
+        inchan.handle_data(cost).map_err(Violation::limit)?;
+        let mut fds = fds.into_iter();
+        let mut handles = Vec::with_capacity(descs.len());
+        for d in descs {
+            let h = match d.kind {
+                HandleKind::Fd => Handle::Fd(fds.next().ok_or("missing fd")?),
+                HandleKind::Stream => Handle::Stream(fds.next().ok_or("missing fd")?),
+                HandleKind::Sender => {
+                    self.check_new_peer_id(&t, d.chan)?;
+                    let o = OutChan::new(this.clone(), d.chan);
+                    t.outbound.insert(d.chan, Arc::downgrade(&o));
+                    Handle::Sender(SendCore::Remote(o), d.fingerprint)
+                }
+                HandleKind::Receiver => {
+                    self.check_new_peer_id(&t, d.chan)?;
+                    let inbox = Inbox::new(DEFAULT_CAPACITY);
+                    let rx = RecvCore::new(inbox.clone());
+                    inbox.add_feed(&this);
+                    t.inbound.insert(d.chan, InChan::new(&this, d.chan, inbox));
+                    Handle::Receiver(rx, d.fingerprint)
+                }
+                HandleKind::SenderLocal => {
+                    if id_is_peers(d.chan, self.we_connected) {
+                        return Err(
+                            format!("sender-local handle names peer channel {}", d.chan).into()
+                        );
+                    }
+                    let inbox = match t.inbound.get(&d.chan) {
+                        Some(c) => c.inbox.clone(),
+                        // Our receiver is gone: the sender is born disconnected.
+                        None => {
+                            let inbox = Inbox::new(1);
+                            drop(RecvCore::new(inbox.clone()));
+                            inbox
+                        }
+                    };
+                    Handle::Sender(SendCore::local(inbox), d.fingerprint)
+                }
+            };
+            handles.push(h);
+        }
+        let mut bytes = Bytes::with_capacity(payload.len());
+        bytes.extend_from_slice(payload);
+        let entry = Entry {
+            packet: Packet { bytes, handles },
+            credit: Some(inchan.clone()),
+        };
+        let refused = inchan.inbox.push_from_feed(entry).err();
+        drop(t);
+        if let Some(entry) = refused {
+            // Nobody receives any more: return the credit and close the handles.
+            inchan.consumed(&entry.packet);
+        }
+        Ok(())
+    }
+
+    /// The live channel we send on as `id`, if any (CREDIT and RESET for others are ignored).
+    pub(super) fn outbound(&self, id: u32) -> Option<Arc<OutChan>> {
+        self.lock_table()
+            .outbound
+            .get(&id)
+            .and_then(|w| w.upgrade())
+    }
+
+    pub(super) fn check_new_peer_id(&self, t: &Table, id: u32) -> Result<(), Violation> {
+        if !id_is_peers(id, self.we_connected) {
+            return Err(format!("channel id {id} belongs to this side").into());
+        }
+        if t.inbound.contains_key(&id)
+            || t.outbound.contains_key(&id)
+            || t.reset_inbound.contains(&id)
+        {
+            return Err(format!("channel id {id} is already in use").into());
+        }
+        if t.inbound.len() + t.outbound.len() >= self.limits.max_channels as usize {
+            return Err(Violation::limit("too many channels"));
+        }
+        Ok(())
+    }
+
+    /// The `Arc` holding this session: channels opened by a frame keep the session alive.
+    pub(super) fn arc(&self) -> Result<Arc<Conn>, Violation> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| Violation::from("session is shutting down"))
+    }
+
+    /// A violation by the peer: say why (GOAWAY), then close.
+    pub(super) fn protocol_error(&self, v: Violation) {
+        let mut buf = Vec::new();
+        let text: String = v.text.chars().take(200).collect();
+        let reason = if v.limits {
+            GoAwayReason::Limits
+        } else {
+            GoAwayReason::ProtocolError
+        };
+        frame::encode_goaway(&mut buf, reason, &text);
+        let _ = sys::send_with_fds(self.sock.as_fd(), &[IoSlice::new(&buf)], &[]);
+        self.fail(&format!("protocol violation by peer: {}", v.text));
+    }
+}

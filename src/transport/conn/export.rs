@@ -1,0 +1,141 @@
+//! Outgoing handles: turning a message's channel ends, fds and streams into the descriptors of
+//! one DATA frame, opening the channels they need.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use super::super::chan::{spawn_proxy, InChan, OutChan};
+use crate::channel::{Handle, Inbox, PushError, RecvCore, SendCore, DEFAULT_CAPACITY};
+use crate::error::Error;
+use crate::message::Packet;
+use crate::proto::frame::{self, HandleDesc, HandleKind, ResetReason};
+
+use super::{Conn, Table};
+
+/// Handles ready to go out with one DATA frame.
+pub(crate) struct Exported {
+    pub(crate) descs: Vec<HandleDesc>,
+    pub(crate) fds: Vec<OwnedFd>,
+    /// Channels opened by this frame whose local receiver is already gone: reset them once the
+    /// frame is written.
+    resets: Vec<u32>,
+    /// Relays to start once the frame is written: data on a channel must not overtake the
+    /// frame that opens it.
+    relays: Vec<(RecvCore, SendCore)>,
+}
+
+impl Conn {
+    /// Turns a message's handles into descriptors and fds for one DATA frame, opening the
+    /// channels they need.
+    pub(crate) fn export(self: &Arc<Self>, handles: Vec<Handle>) -> Result<Exported, Error> {
+        let mut out = Exported {
+            descs: Vec::with_capacity(handles.len()),
+            fds: Vec::new(),
+            resets: Vec::new(),
+            relays: Vec::new(),
+        };
+        if handles.is_empty() {
+            return Ok(out);
+        }
+        let mut proxies = Vec::new();
+        {
+            let mut t = self.lock_table();
+            let alloc = |t: &mut Table| {
+                t.ids
+                    .next()
+                    .ok_or_else(|| Error::Protocol("channel ids exhausted".into()))
+            };
+            for h in handles {
+                let desc = match h {
+                    Handle::Fd(fd) => {
+                        out.fds.push(fd);
+                        HandleDesc::fd()
+                    }
+                    Handle::Stream(fd) => {
+                        out.fds.push(fd);
+                        HandleDesc {
+                            kind: HandleKind::Stream,
+                            chan: 0,
+                            fingerprint: 0,
+                        }
+                    }
+                    Handle::Sender(SendCore::Remote(ref o), fp) if Arc::ptr_eq(&o.conn, self) => {
+                        // The peer receives this channel: give it a sender into its own inbox.
+                        HandleDesc {
+                            kind: HandleKind::SenderLocal,
+                            chan: o.id,
+                            fingerprint: fp,
+                        }
+                    }
+                    Handle::Sender(core, fp) => {
+                        let id = alloc(&mut t)?;
+                        let inbox = match core {
+                            SendCore::Local(ref inbox) if !inbox.fed_by_other(self) => {
+                                inbox.clone()
+                            }
+                            // An inbox reads at most one session itself; a second session, or
+                            // a sender into another session, goes through a relay.
+                            SendCore::Local(_) | SendCore::Remote(_) => {
+                                // A sender into another session: relay through a local inbox.
+                                let inbox = Inbox::new(DEFAULT_CAPACITY);
+                                proxies.push((RecvCore::new(inbox.clone()), core.clone()));
+                                inbox
+                            }
+                        };
+                        if inbox.add_feed(self) {
+                            let c = InChan::new(self, id, inbox);
+                            t.inbound.insert(id, c);
+                        } else {
+                            t.reset_inbound.insert(id);
+                            out.resets.push(id);
+                        }
+                        HandleDesc {
+                            kind: HandleKind::Sender,
+                            chan: id,
+                            fingerprint: fp,
+                        }
+                    }
+                    Handle::Receiver(core, fp) => {
+                        let id = alloc(&mut t)?;
+                        let o = OutChan::new(self.clone(), id);
+                        t.outbound.insert(id, Arc::downgrade(&o));
+                        proxies.push((core, SendCore::Remote(o)));
+                        HandleDesc {
+                            kind: HandleKind::Receiver,
+                            chan: id,
+                            fingerprint: fp,
+                        }
+                    }
+                };
+                out.descs.push(desc);
+            }
+        }
+        out.relays = proxies;
+        Ok(out)
+    }
+
+    /// Writes one DATA frame for `packet` on channel `id` (see `write_frame` for `abort`).
+    pub(crate) fn send_data(
+        self: &Arc<Self>,
+        id: u32,
+        packet: Packet,
+        abort: &dyn Fn() -> bool,
+    ) -> Result<(), PushError> {
+        let Packet { bytes, handles } = packet;
+        let exported = self.export(handles).map_err(|_| PushError::Disconnected)?;
+        let nfds = exported.fds.len() as u16;
+        let mut head = Vec::with_capacity(16 + 16 * exported.descs.len());
+        frame::encode_data(&mut head, id, &exported.descs, bytes.len(), nfds);
+        let fds: Vec<BorrowedFd<'_>> = exported.fds.iter().map(|f| f.as_fd()).collect();
+        self.write_frame(&[&head, &bytes], &fds, abort)?;
+        for (rx, tx) in exported.relays {
+            spawn_proxy(rx, tx);
+        }
+        for id in exported.resets {
+            let mut buf = Vec::new();
+            frame::encode_reset(&mut buf, id, ResetReason::ReceiverGone, "receiver dropped");
+            self.send_control(&buf);
+        }
+        Ok(())
+    }
+}

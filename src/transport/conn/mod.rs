@@ -1,0 +1,543 @@
+//! `Conn`: one session over a unix stream socket, driven by whichever thread needs it.
+//!
+//! There is no I/O thread. A thread that must wait on the session (a `recv` on a channel the
+//! session feeds, a `send` short of credit, an `accept_channel`) takes the *reader seat* if it is
+//! free and reads the socket itself, dispatching every frame it finds: its own message costs it
+//! one kernel wake-up, not two (a cross-core wake-up costs ~33 us on the
+//! virtual machines libchan is developed on). Threads that
+//! find the seat taken park, and are unparked by the reader when their frame arrives or when it
+//! leaves the seat.
+//!
+//! Frames are written by the sending thread under `writer`. Control frames produced while
+//! reading (credit, close, reset, pong) go to `control` and are flushed by the next writer or
+//! reader; they never block the thread that produced them.
+//!
+//! Lock order: `table` before any inbox lock; `writer` before `control`. No lock is held while
+//! a handle is dropped (dropping one may close a channel and re-enter the session).
+
+mod dispatch;
+mod export;
+mod write;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+use super::chan::{InChan, OutChan};
+use crate::channel::{Inbox, RecvCore, Wait};
+use crate::error::Error;
+use crate::proto::decoder::Decoder;
+use crate::proto::frame::{self, GoAwayReason, ResetReason};
+use crate::proto::handshake::{Features, Handshake, Limits, Negotiated, HELLO_LEN};
+use crate::proto::IdAllocator;
+use crate::sys;
+
+/// Most bytes of control frames (credit, close, reset, pong) queued for a peer that does not
+/// read. Credit, close and reset frames are bounded by the channel table; PONGs are not.
+const MAX_CONTROL_QUEUE: usize = 1 << 20;
+
+/// What a call to [`Conn::drive`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drive {
+    /// This thread held the reader seat until its condition held, the deadline passed, or
+    /// the session died.
+    Progress,
+    /// Another thread holds the seat; this one is registered to be unparked when it leaves.
+    Busy,
+    /// The session is dead.
+    Dead,
+}
+
+pub(crate) struct Conn {
+    me: std::sync::Weak<Conn>,
+    sock: OwnedFd,
+    we_connected: bool,
+    pub(crate) limits: Negotiated,
+    peer_uid: Option<u32>,
+    reader: Mutex<Reader>,
+    seat_waiters: Mutex<Vec<Thread>>,
+    writer: Mutex<()>,
+    control: Mutex<Vec<u8>>,
+    table: Mutex<Table>,
+    dead: AtomicBool,
+    /// A flusher thread is running (see `spawn_flusher`).
+    flushing: AtomicBool,
+    /// Interrupts the reader's `poll` when a local sender fills an inbox it waits on.
+    doorbell: sys::Doorbell,
+    /// Writing failed (the peer closed): nothing more can be sent, but what the peer sent
+    /// before it closed is still read and delivered.
+    write_broken: AtomicBool,
+}
+
+struct Reader {
+    dec: Decoder,
+    fds: Vec<OwnedFd>,
+}
+
+struct Table {
+    ids: IdAllocator,
+    /// Channels the peer sends on and we receive.
+    inbound: HashMap<u32, Arc<InChan>>,
+    /// Inbound channels we reset: their data is discarded (its credit granted back) until the
+    /// peer closes them.
+    reset_inbound: HashSet<u32>,
+    /// Channels we send on.
+    outbound: HashMap<u32, std::sync::Weak<OutChan>>,
+    /// Channels the peer opened that nobody accepted yet.
+    accepts: VecDeque<(u32, u64, RecvCore)>,
+    accept_waiters: Vec<Thread>,
+    error: Option<String>,
+}
+
+impl Conn {
+    /// Runs the handshake on a connected stream and returns the live session.
+    pub(crate) fn establish(
+        stream: UnixStream,
+        we_connected: bool,
+        local: Limits,
+        timeout: Duration,
+    ) -> Result<Arc<Conn>, Error> {
+        stream.set_nonblocking(true)?;
+        let sock = OwnedFd::from(stream);
+        let deadline = Instant::now() + timeout;
+        let mut hs = Handshake::new(local);
+        let hello = hs
+            .poll_transmit()
+            .expect("a fresh handshake has a hello to send");
+        let mut sent = 0;
+        while sent < HELLO_LEN {
+            match sys::send_with_fds(sock.as_fd(), &[IoSlice::new(&hello[sent..])], &[]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_ready(&sock, false, deadline)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Read exactly the peer's hello: frames behind it are left for the decoder, and a read
+        // that stops at the hello's end never swallows descriptors sent with the next frame.
+        let mut buf = [0u8; HELLO_LEN];
+        let mut got = 0;
+        while hs.poll_outcome().is_none() {
+            let mut fds = Vec::new();
+            match sys::recv_with_fds(sock.as_fd(), &mut buf[got..], &mut fds) {
+                Ok(0) => return Err(Error::Handshake("peer closed during the handshake".into())),
+                Ok(n) => {
+                    if !fds.is_empty() {
+                        return Err(Error::Handshake("descriptors sent with the hello".into()));
+                    }
+                    got += n;
+                    if got == HELLO_LEN {
+                        hs.handle_bytes(&buf)
+                            .map_err(|e| Error::Handshake(e.to_string()))?;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_ready(&sock, true, deadline)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let limits = hs.poll_outcome().expect("checked by the loop above");
+        let peer_uid = sys::peer_uid(sock.as_fd()).ok();
+        let doorbell = sys::Doorbell::new()?;
+        Ok(Arc::new_cyclic(|me| Conn {
+            me: me.clone(),
+            sock,
+            we_connected,
+            peer_uid,
+            reader: Mutex::new(Reader {
+                dec: Decoder::new(limits.max_frame, limits.max_message)
+                    .with_fds_allowed(limits.features.contains(Features::FDS)),
+                fds: Vec::new(),
+            }),
+            limits,
+            seat_waiters: Mutex::new(Vec::new()),
+            writer: Mutex::new(()),
+            control: Mutex::new(Vec::new()),
+            table: Mutex::new(Table {
+                ids: IdAllocator::new(we_connected),
+                inbound: HashMap::new(),
+                reset_inbound: HashSet::new(),
+                outbound: HashMap::new(),
+                accepts: VecDeque::new(),
+                accept_waiters: Vec::new(),
+                error: None,
+            }),
+            dead: AtomicBool::new(false),
+            flushing: AtomicBool::new(false),
+            doorbell,
+            write_broken: AtomicBool::new(false),
+        }))
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// True when nothing more can be sent on this session.
+    pub(crate) fn cannot_send(&self) -> bool {
+        self.is_dead() || self.write_broken.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn peer_uid(&self) -> Option<u32> {
+        self.peer_uid
+    }
+
+    /// Why the session died, if it did.
+    pub(crate) fn error(&self) -> Option<String> {
+        self.lock_table().error.clone()
+    }
+
+    /// Number of channels the session tracks (open in either direction).
+    pub(crate) fn channel_count(&self) -> usize {
+        // Closes the peer sent but nobody read yet count as closed.
+        self.poll_input();
+        let t = self.lock_table();
+        t.inbound.len() + t.outbound.len() + t.reset_inbound.len()
+    }
+
+    fn lock_table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a channel we send on.
+    pub(crate) fn open(self: &Arc<Self>, fingerprint: u64) -> Result<Arc<OutChan>, Error> {
+        let out = {
+            let mut t = self.lock_table();
+            if self.cannot_send() {
+                return Err(Error::Disconnected);
+            }
+            let id = t
+                .ids
+                .next()
+                .ok_or_else(|| Error::Protocol("channel ids exhausted".into()))?;
+            let out = OutChan::new(self.clone(), id);
+            t.outbound.insert(id, Arc::downgrade(&out));
+            out
+        };
+        let mut buf = Vec::with_capacity(24);
+        frame::encode_open(&mut buf, out.id, fingerprint);
+        self.write_frame(&[&buf], &[], &|| false)
+            .map_err(|_| Error::Disconnected)?;
+        Ok(out)
+    }
+
+    /// Waits for the next channel the peer opens.
+    pub(crate) fn accept(self: &Arc<Self>, wait: Wait) -> Result<(u32, u64, RecvCore), Error> {
+        loop {
+            let me = thread::current();
+            {
+                let mut t = self.lock_table();
+                if let Some(a) = t.accepts.pop_front() {
+                    return Ok(a);
+                }
+                if self.is_dead() {
+                    return Err(Error::Disconnected);
+                }
+                if wait.expired() {
+                    return Err(Error::Timeout);
+                }
+                t.accept_waiters.push(me.clone());
+            }
+            let ready = || self.is_dead() || !self.lock_table().accepts.is_empty();
+            if self.drive(wait, &ready) != Drive::Progress {
+                wait.park();
+            }
+            self.lock_table()
+                .accept_waiters
+                .retain(|t| t.id() != me.id());
+        }
+    }
+
+    /// Refuses a channel the peer opened (type mismatch): it is reset and its data discarded.
+    pub(crate) fn refuse(&self, id: u32, reason: ResetReason, text: &str) {
+        let inchan = {
+            let mut t = self.lock_table();
+            t.reset_inbound.insert(id);
+            t.inbound.remove(&id)
+        };
+        let mut buf = Vec::new();
+        frame::encode_reset(&mut buf, id, reason, text);
+        self.send_control(&buf);
+        if let Some(c) = inchan {
+            c.inbox.remove_feed(self, false);
+        }
+    }
+
+    /// Resets every inbound channel that feeds `inbox`: its last receiver is gone.
+    pub(crate) fn receiver_gone(&self, inbox: &Inbox) {
+        let gone: Vec<Arc<InChan>> = {
+            let mut t = self.lock_table();
+            let ids: Vec<u32> = t
+                .inbound
+                .iter()
+                .filter(|(_, c)| std::ptr::eq(Arc::as_ptr(&c.inbox), inbox))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| {
+                    t.reset_inbound.insert(*id);
+                    t.inbound.remove(id)
+                })
+                .collect()
+        };
+        let mut buf = Vec::new();
+        for c in &gone {
+            frame::encode_reset(
+                &mut buf,
+                c.id,
+                ResetReason::ReceiverGone,
+                "receiver dropped",
+            );
+        }
+        if !buf.is_empty() {
+            self.send_control(&buf);
+        }
+        for c in gone {
+            c.inbox.remove_feed(self, false);
+        }
+    }
+
+    /// Forgets an outbound channel whose last sender is gone and tells the peer.
+    pub(crate) fn close_outbound(&self, id: u32) {
+        self.lock_table().outbound.remove(&id);
+        if !self.is_dead() {
+            let mut buf = Vec::with_capacity(16);
+            frame::encode_close(&mut buf, id);
+            self.send_control(&buf);
+        }
+    }
+
+    /// Dispatches whatever the socket holds now, if no other thread is reading. Never blocks.
+    pub(crate) fn poll_input(&self) {
+        if self.is_dead() {
+            return;
+        }
+        if let Ok(mut seat) = self.reader.try_lock() {
+            while self.read_some(&mut seat) && !self.is_dead() {}
+            drop(seat);
+            self.wake_seat_waiters();
+        }
+    }
+
+    /// Interrupts the thread blocked reading this session, so it re-checks its condition.
+    pub(crate) fn interrupt(&self) {
+        self.doorbell.ring();
+    }
+
+    /// Refuses every channel the peer opened that was not accepted (the session handle is
+    /// gone, so nobody can accept them any more).
+    pub(crate) fn refuse_pending(&self) {
+        let pending: Vec<_> = self.lock_table().accepts.drain(..).collect();
+        // Dropping each receiver resets its channel (`receiver_gone`).
+        drop(pending);
+    }
+
+    /// Reads the session on this thread until `cond` holds, the wait runs out, or the session
+    /// dies, if no other thread is reading it.
+    pub(crate) fn drive(self: &Arc<Self>, wait: Wait, cond: &dyn Fn() -> bool) -> Drive {
+        if self.is_dead() {
+            return Drive::Dead;
+        }
+        let mut seat = match self.reader.try_lock() {
+            Ok(seat) => seat,
+            Err(_) => {
+                let me = thread::current();
+                self.seat_waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(me);
+                // The reader may have left between the first try and the registration.
+                match self.reader.try_lock() {
+                    Ok(seat) => seat,
+                    Err(_) => return Drive::Busy,
+                }
+            }
+        };
+        while !cond() && !self.is_dead() {
+            if self.read_some(&mut seat) {
+                continue;
+            }
+            if wait.expired() {
+                break;
+            }
+            let timeout = match wait {
+                Wait::Until(t) => Some(t.saturating_duration_since(Instant::now())),
+                _ => None,
+            };
+            let want_write = !self.control_is_empty();
+            let bell = self.doorbell.as_fd();
+            match sys::poll_with_doorbell(self.sock.as_fd(), bell, want_write, timeout) {
+                Ok(Some(r)) if r.writable && want_write => self.try_flush_control(),
+                Ok(Some(_)) => {}
+                Ok(None) => self.doorbell.clear(),
+                Err(e) => self.fail(&format!("poll failed: {e}")),
+            }
+        }
+        drop(seat);
+        self.wake_seat_waiters();
+        Drive::Progress
+    }
+
+    fn wake_seat_waiters(&self) {
+        let waiters =
+            std::mem::take(&mut *self.seat_waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in waiters {
+            t.unpark();
+        }
+    }
+
+    /// One read from the socket, dispatching every complete frame. Returns false when there
+    /// was nothing to read.
+    fn read_some(&self, seat: &mut Reader) -> bool {
+        let Reader { dec, fds } = seat;
+        let buf = dec.read_buf(64 * 1024);
+        let n = match sys::recv_with_fds(self.sock.as_fd(), buf, fds) {
+            Ok(0) if dec.buffered() > 0 => {
+                self.fail("peer closed the connection in the middle of a frame");
+                return true;
+            }
+            Ok(0) => {
+                self.fail("peer closed the connection");
+                return true;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+            Err(e) => {
+                self.protocol_error(format!("receive failed: {e}").into());
+                return true;
+            }
+        };
+        if let Err(e) = dec.handle_read(n, std::mem::take(fds)) {
+            self.protocol_error(e.into());
+            return true;
+        }
+        loop {
+            match dec.poll_frame() {
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.dispatch(frame) {
+                        self.protocol_error(e);
+                        return true;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.protocol_error(e.into());
+                    break;
+                }
+            }
+        }
+        if !self.control_is_empty() {
+            self.try_flush_control();
+        }
+        true
+    }
+
+    /// Closes the session from this side: GOAWAY (best effort), then everything breaks.
+    pub(crate) fn close(&self) {
+        if self.is_dead() {
+            return;
+        }
+        let mut buf = Vec::new();
+        frame::encode_goaway(&mut buf, GoAwayReason::Normal, "closed by peer");
+        if let Ok(_guard) = self.writer.lock() {
+            let _ = self.flush_control(false);
+            let _ = sys::send_with_fds(self.sock.as_fd(), &[IoSlice::new(&buf)], &[]);
+        }
+        self.fail("closed locally");
+    }
+
+    /// Marks the session dead and wakes everything that waits on it. Idempotent.
+    pub(crate) fn fail(&self, reason: &str) {
+        if self.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // The reason first: the shutdown below makes concurrent writes fail, and theirs is not
+        // the reason.
+        self.lock_table()
+            .error
+            .get_or_insert_with(|| reason.to_string());
+        let _ = rustix::net::shutdown(&self.sock, rustix::net::Shutdown::Both);
+        let (inbound, outbound, waiters) = {
+            let mut t = self.lock_table();
+            t.reset_inbound.clear();
+            let inbound: Vec<_> = t.inbound.drain().map(|(_, c)| c).collect();
+            let outbound: Vec<_> = t
+                .outbound
+                .drain()
+                .filter_map(|(_, w)| w.upgrade())
+                .collect();
+            // Channels the peer opened stay acceptable: what arrived on them before the end is
+            // delivered, then their receivers report how the session ended.
+            (inbound, outbound, std::mem::take(&mut t.accept_waiters))
+        };
+        for c in inbound {
+            c.inbox.remove_feed(self, true);
+        }
+        for o in outbound {
+            o.wake();
+        }
+        waiters.into_iter().for_each(|t| t.unpark());
+        self.wake_seat_waiters();
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.is_dead() {
+            return;
+        }
+        // Last chance for queued CLOSE frames to reach the peer; bounded, since a peer that
+        // stopped reading must not hang this drop.
+        let mut buf = Vec::new();
+        frame::encode_goaway(&mut buf, GoAwayReason::Normal, "");
+        self.control
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(&buf);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !self.control_is_empty() && Instant::now() < deadline {
+            if self.flush_control(false).is_err() {
+                break;
+            }
+            if !self.control_is_empty() {
+                let _ = sys::poll(
+                    self.sock.as_fd(),
+                    false,
+                    true,
+                    Some(Duration::from_millis(10)),
+                );
+            }
+        }
+    }
+}
+
+fn wait_ready(sock: &OwnedFd, read: bool, deadline: Instant) -> Result<(), Error> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(Error::Timeout);
+    }
+    sys::poll(sock.as_fd(), read, !read, Some(left))?;
+    Ok(())
+}
+
+/// Spawns the other side's handshake for an in-process pair.
+pub(crate) fn pair(local: Limits) -> Result<(Arc<Conn>, Arc<Conn>), Error> {
+    let (a, b) = UnixStream::pair()?;
+    let timeout = Duration::from_secs(10);
+    let other = thread::spawn(move || Conn::establish(b, false, local, timeout));
+    let a = Conn::establish(a, true, local, timeout)?;
+    let b = other
+        .join()
+        .map_err(|_| Error::Handshake("handshake thread panicked".into()))??;
+    Ok((a, b))
+}
