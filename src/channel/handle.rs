@@ -9,10 +9,10 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use super::inbox::{Entry, Inbox, PopError, PushError, Wait};
+use super::source::Outlet;
 use crate::error::Error;
 use crate::message::Packet;
 use crate::proto::frame::{MAX_FDS, MAX_HANDLES};
-use crate::transport::OutChan;
 
 /// One entry of a message's handle table.
 pub(crate) enum Handle {
@@ -27,7 +27,7 @@ pub(crate) enum SendCore {
     /// Straight into an inbox of this process.
     Local(Arc<Inbox>),
     /// Over a session.
-    Remote(Arc<OutChan>),
+    Remote(Arc<dyn Outlet>),
 }
 
 /// The receiving end of a channel, untyped: always an inbox of this process.
@@ -103,7 +103,7 @@ impl Drop for SendCore {
         if let SendCore::Local(inbox) = self {
             inbox.remove_sender(false);
         }
-        // A remote end closes its session channel when the last `Arc<OutChan>` drops.
+        // A remote end closes its session channel when its last `Arc` drops.
     }
 }
 

@@ -21,13 +21,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
+use super::source::{CreditSink, Drive, Feed};
 use crate::message::Packet;
-use crate::transport::{Conn, Drive, InChan};
 
 /// One queued message and, when it came from a session, where to return its credit.
 pub(crate) struct Entry {
     pub(crate) packet: Packet,
-    pub(crate) credit: Option<Arc<InChan>>,
+    pub(crate) credit: Option<Arc<dyn CreditSink>>,
 }
 
 pub(crate) struct Inbox {
@@ -48,9 +48,9 @@ struct State {
     /// A session feed broke: after draining, receivers get `Disconnected`.
     broken: bool,
     /// Sessions that push into this inbox, each with the number of its channels that do.
-    feeds: Vec<(Arc<Conn>, usize)>,
+    feeds: Vec<(Arc<dyn Feed>, usize)>,
     /// The session a receiver is blocked reading right now: a local push rings its doorbell.
-    driving: Option<Arc<Conn>>,
+    driving: Option<Arc<dyn Feed>>,
     recv_waiters: Vec<Thread>,
     send_waiters: Vec<Thread>,
 }
@@ -200,16 +200,16 @@ impl Inbox {
 
     /// Registers a session channel that feeds this inbox (one more sender). Returns false
     /// (and registers nothing) when no receiver is left.
-    pub(crate) fn add_feed(&self, conn: &Arc<Conn>) -> bool {
+    pub(crate) fn add_feed(&self, conn: Arc<dyn Feed>) -> bool {
         let mut s = self.lock();
         if s.receivers == 0 {
             return false;
         }
         s.senders += 1;
         self.open_senders.store(s.senders, Ordering::Release);
-        match s.feeds.iter_mut().find(|(c, _)| Arc::ptr_eq(c, conn)) {
+        match s.feeds.iter_mut().find(|(c, _)| same_feed(c, &*conn)) {
             Some((_, n)) => *n += 1,
-            None => s.feeds.push((conn.clone(), 1)),
+            None => s.feeds.push((conn, 1)),
         }
         // A receiver parked before this session fed us must start reading it.
         let waiters = std::mem::take(&mut s.recv_waiters);
@@ -219,21 +219,15 @@ impl Inbox {
     }
 
     /// True when a session other than `conn` feeds this inbox.
-    pub(crate) fn fed_by_other(&self, conn: &Conn) -> bool {
-        self.lock()
-            .feeds
-            .iter()
-            .any(|(c, _)| !std::ptr::eq(Arc::as_ptr(c), conn))
+    pub(crate) fn fed_by_other(&self, conn: &dyn Feed) -> bool {
+        self.lock().feeds.iter().any(|(c, _)| !same_feed(c, conn))
     }
 
     /// One session channel feeding this inbox ended: gracefully, or because the session broke.
-    pub(crate) fn remove_feed(&self, conn: &Conn, broken: bool) {
+    pub(crate) fn remove_feed(&self, conn: &dyn Feed, broken: bool) {
         let feed = {
             let mut s = self.lock();
-            let at = s
-                .feeds
-                .iter()
-                .position(|(c, _)| std::ptr::eq(Arc::as_ptr(c), conn));
+            let at = s.feeds.iter().position(|(c, _)| same_feed(c, conn));
             match at {
                 Some(i) if s.feeds[i].1 > 1 => {
                     s.feeds[i].1 -= 1;
@@ -425,6 +419,11 @@ fn spin_until(ready: impl Fn() -> bool) -> bool {
         }
     }
     false
+}
+
+/// True when `a` and `b` are the same session (compared by address: vtables may differ).
+fn same_feed(a: &Arc<dyn Feed>, b: &dyn Feed) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), b as *const dyn Feed)
 }
 
 fn wake(waiters: Vec<Thread>) {

@@ -10,12 +10,14 @@ mod handle;
 mod inbox;
 mod receiver;
 mod sender;
+mod source;
 
 pub use copy::{copy, CopyError};
 pub(crate) use handle::{Handle, RecvCore, SendCore};
 pub(crate) use inbox::{Entry, Inbox, PopError, PushError, Wait};
 pub use receiver::{ArchivedReceiver, Msg, Receiver};
 pub use sender::{ArchivedSender, Sender};
+pub(crate) use source::{CreditSink, Drive, Feed, Outlet};
 
 use crate::message::Message;
 

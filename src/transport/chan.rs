@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, Thread};
 
-use super::conn::{Conn, Drive};
-use crate::channel::{Inbox, PopError, PushError, RecvCore, SendCore, Wait};
+use super::conn::Conn;
+use crate::channel::{
+    CreditSink, Drive, Inbox, Outlet, PopError, PushError, RecvCore, SendCore, Wait,
+};
 use crate::message::Packet;
 use crate::proto::credit::{data_cost, RecvWindow, SendCredit};
 use crate::proto::frame;
@@ -40,10 +42,12 @@ impl InChan {
             .handle_data(cost)
             .map_err(|e| e.to_string())
     }
+}
 
+impl CreditSink for InChan {
     /// The application consumed `packet` (received it, forwarded it, or dropped it unread):
     /// grant its credit back, in batches of half a window.
-    pub(crate) fn consumed(&self, packet: &Packet) {
+    fn consumed(&self, packet: &Packet) {
         let cost = data_cost(packet.handles.len() * 16 + packet.bytes.len());
         let grant = self
             .window
@@ -175,6 +179,24 @@ impl OutChan {
         for t in waiters {
             t.unpark();
         }
+    }
+}
+
+impl Outlet for OutChan {
+    fn send(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {
+        OutChan::send(self, packet, wait)
+    }
+
+    fn max_message(&self) -> usize {
+        OutChan::max_message(self)
+    }
+
+    fn is_disconnected(&self) -> bool {
+        OutChan::is_disconnected(self)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

@@ -18,8 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub(crate) use chan::{InChan, OutChan};
-pub(crate) use conn::{Conn, Drive};
+pub(crate) use conn::Conn;
 
 use crate::channel::{Receiver, SendCore, Sender, Wait};
 use crate::error::Error;

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use super::super::chan::{InChan, OutChan};
-use crate::channel::{Entry, Handle, Inbox, RecvCore, SendCore, DEFAULT_CAPACITY};
+use crate::channel::{CreditSink, Entry, Handle, Inbox, RecvCore, SendCore, DEFAULT_CAPACITY};
 use crate::message::{Bytes, Packet};
 use crate::proto::credit::data_cost;
 use crate::proto::decoder::Frame;
@@ -74,7 +74,7 @@ impl Conn {
                 self.check_new_peer_id(&t, header.chan)?;
                 let inbox = Inbox::new(DEFAULT_CAPACITY);
                 let rx = RecvCore::new(inbox.clone());
-                inbox.add_feed(&this);
+                inbox.add_feed(this.clone());
                 t.inbound
                     .insert(header.chan, InChan::new(&this, header.chan, inbox));
                 t.accepts.push_back((header.chan, fp, rx));
@@ -176,7 +176,7 @@ impl Conn {
                     self.check_new_peer_id(&t, d.chan)?;
                     let inbox = Inbox::new(DEFAULT_CAPACITY);
                     let rx = RecvCore::new(inbox.clone());
-                    inbox.add_feed(&this);
+                    inbox.add_feed(this.clone());
                     t.inbound.insert(d.chan, InChan::new(&this, d.chan, inbox));
                     Handle::Receiver(rx, d.fingerprint)
                 }

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use super::super::chan::{spawn_proxy, InChan, OutChan};
-use crate::channel::{Handle, Inbox, PushError, RecvCore, SendCore, DEFAULT_CAPACITY};
+use crate::channel::{Handle, Inbox, Outlet, PushError, RecvCore, SendCore, DEFAULT_CAPACITY};
 use crate::error::Error;
 use crate::message::Packet;
 use crate::proto::frame::{self, HandleDesc, HandleKind, ResetReason};
@@ -25,6 +25,12 @@ pub(crate) struct Exported {
 }
 
 impl Conn {
+    /// The id of `outlet` when it is a channel of this session, which the peer receives.
+    fn own_outlet(&self, outlet: &Arc<dyn Outlet>) -> Option<u32> {
+        let o = outlet.as_any().downcast_ref::<OutChan>()?;
+        std::ptr::eq(Arc::as_ptr(&o.conn), self).then_some(o.id)
+    }
+
     /// Turns a message's handles into descriptors and fds for one DATA frame, opening the
     /// channels they need.
     pub(crate) fn export(self: &Arc<Self>, handles: Vec<Handle>) -> Result<Exported, Error> {
@@ -46,6 +52,11 @@ impl Conn {
                     .ok_or_else(|| Error::Protocol("channel ids exhausted".into()))
             };
             for h in handles {
+                // A sender into a channel the peer receives on this very session.
+                let back_to_peer = match &h {
+                    Handle::Sender(SendCore::Remote(o), _) => self.own_outlet(o),
+                    _ => None,
+                };
                 let desc = match h {
                     Handle::Fd(fd) => {
                         out.fds.push(fd);
@@ -59,18 +70,18 @@ impl Conn {
                             fingerprint: 0,
                         }
                     }
-                    Handle::Sender(SendCore::Remote(ref o), fp) if Arc::ptr_eq(&o.conn, self) => {
+                    Handle::Sender(_, fp) if back_to_peer.is_some() => {
                         // The peer receives this channel: give it a sender into its own inbox.
                         HandleDesc {
                             kind: HandleKind::SenderLocal,
-                            chan: o.id,
+                            chan: back_to_peer.unwrap_or_default(),
                             fingerprint: fp,
                         }
                     }
                     Handle::Sender(core, fp) => {
                         let id = alloc(&mut t)?;
                         let inbox = match core {
-                            SendCore::Local(ref inbox) if !inbox.fed_by_other(self) => {
+                            SendCore::Local(ref inbox) if !inbox.fed_by_other(&**self) => {
                                 inbox.clone()
                             }
                             // An inbox reads at most one session itself; a second session, or
@@ -82,7 +93,7 @@ impl Conn {
                                 inbox
                             }
                         };
-                        if inbox.add_feed(self) {
+                        if inbox.add_feed(self.clone()) {
                             let c = InChan::new(self, id, inbox);
                             t.inbound.insert(id, c);
                         } else {

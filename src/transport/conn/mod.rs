@@ -29,7 +29,7 @@ use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use super::chan::{InChan, OutChan};
-use crate::channel::{Inbox, RecvCore, Wait};
+use crate::channel::{Drive, Feed, Inbox, RecvCore, Wait};
 use crate::error::Error;
 use crate::proto::decoder::Decoder;
 use crate::proto::frame::{self, GoAwayReason, ResetReason};
@@ -40,18 +40,6 @@ use crate::sys;
 /// Most bytes of control frames (credit, close, reset, pong) queued for a peer that does not
 /// read. Credit, close and reset frames are bounded by the channel table; PONGs are not.
 const MAX_CONTROL_QUEUE: usize = 1 << 20;
-
-/// What a call to [`Conn::drive`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Drive {
-    /// This thread held the reader seat until its condition held, the deadline passed, or
-    /// the session died.
-    Progress,
-    /// Another thread holds the seat; this one is registered to be unparked when it leaves.
-    Busy,
-    /// The session is dead.
-    Dead,
-}
 
 pub(crate) struct Conn {
     me: std::sync::Weak<Conn>,
@@ -343,7 +331,7 @@ impl Conn {
 
     /// Reads the session on this thread until `cond` holds, the wait runs out, or the session
     /// dies, if no other thread is reading it.
-    pub(crate) fn drive(self: &Arc<Self>, wait: Wait, cond: &dyn Fn() -> bool) -> Drive {
+    pub(crate) fn drive(&self, wait: Wait, cond: &dyn Fn() -> bool) -> Drive {
         if self.is_dead() {
             return Drive::Dead;
         }
@@ -488,6 +476,20 @@ impl Conn {
         }
         waiters.into_iter().for_each(|t| t.unpark());
         self.wake_seat_waiters();
+    }
+}
+
+impl Feed for Conn {
+    fn drive(&self, wait: Wait, ready: &dyn Fn() -> bool) -> Drive {
+        Conn::drive(self, wait, ready)
+    }
+
+    fn interrupt(&self) {
+        Conn::interrupt(self);
+    }
+
+    fn receiver_gone(&self, inbox: &Inbox) {
+        Conn::receiver_gone(self, inbox);
     }
 }
 
