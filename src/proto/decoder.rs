@@ -34,9 +34,11 @@ use super::DecodeError;
 /// Initial size of the read buffer.
 const INITIAL_BUF: usize = 64 * 1024;
 
-/// Largest read buffer kept once drained: bigger ones (after a huge frame) are given back, but
-/// a stream of medium messages does not pay for a fresh zeroed buffer each time.
+/// A drained read buffer up to this size is always kept.
 const KEEP_BUF: usize = 1024 * 1024;
+
+/// Frames over which the largest recent frame is remembered (see `Decoder::read_buf`).
+const PEAK_WINDOW: u32 = 64;
 
 /// One complete frame: its header, its body, and the fds bound to it.
 #[derive(Debug)]
@@ -75,6 +77,10 @@ pub(crate) struct Decoder {
     /// Whether the `FDS` feature was negotiated.
     fds_allowed: bool,
     error: Option<DecodeError>,
+    /// Largest frame among the previous `PEAK_WINDOW` frames, and among the current ones.
+    peak: usize,
+    recent_peak: usize,
+    recent_frames: u32,
 }
 
 #[derive(Debug)]
@@ -100,6 +106,9 @@ impl Decoder {
             pending: None,
             fds_allowed: true,
             error: None,
+            peak: 0,
+            recent_peak: 0,
+            recent_frames: 0,
         }
     }
 
@@ -124,7 +133,11 @@ impl Decoder {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-            if self.buf.len() > KEEP_BUF.max(min) {
+            // Keep a buffer that recent frames needed (a stream of large messages must not
+            // pay for a fresh zeroed buffer each time); give back one that only an old
+            // outlier needed.
+            let needed = 2 * self.peak.max(self.recent_peak);
+            if self.buf.len() > KEEP_BUF.max(min).max(needed) {
                 // Give back the memory a huge frame needed.
                 self.buf = Vec::new();
             }
@@ -240,6 +253,13 @@ impl Decoder {
         let body_start = self.start + HEADER_LEN;
         self.start += frame_len;
         self.offset += frame_len as u64;
+        self.recent_peak = self.recent_peak.max(frame_len);
+        self.recent_frames += 1;
+        if self.recent_frames == PEAK_WINDOW {
+            self.peak = self.recent_peak;
+            self.recent_peak = 0;
+            self.recent_frames = 0;
+        }
         Ok(Some(Frame {
             header,
             body: &self.buf[body_start..self.start],
@@ -473,6 +493,33 @@ mod tests {
                 len: MAX_FRAME,
                 max: MAX_FRAME - 4096
             }
+        );
+    }
+
+    #[test]
+    fn read_buf_is_kept_for_recent_large_frames_and_given_back_later() {
+        let mut dec = Decoder::new(4 << 20, (4 << 20) - 4096);
+        let big = data_frame(1, 0, &[3; 1_500_000]);
+        for _ in 0..3 {
+            dec.handle_bytes(&big, Vec::new()).unwrap();
+            assert_eq!(drain(&mut dec).unwrap().len(), 1);
+        }
+        let grown = dec.buf.len();
+        assert!(
+            grown > KEEP_BUF,
+            "a 1.5 MB frame needs more than {KEEP_BUF}: {grown}"
+        );
+        dec.read_buf(1);
+        assert_eq!(dec.buf.len(), grown, "recent frames needed it: kept");
+        let small = data_frame(1, 0, &[1; 100]);
+        for _ in 0..2 * PEAK_WINDOW {
+            dec.handle_bytes(&small, Vec::new()).unwrap();
+            assert_eq!(drain(&mut dec).unwrap().len(), 1);
+        }
+        dec.read_buf(1);
+        assert!(
+            dec.buf.len() <= KEEP_BUF,
+            "only old frames needed it: given back"
         );
     }
 
