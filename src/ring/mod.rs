@@ -13,6 +13,7 @@
 // The shared-memory transport will use these; until then only tests do (see the allowances).
 mod atomic;
 pub(crate) mod region;
+pub(crate) mod shm;
 pub(crate) mod spsc;
 
 use std::fmt;

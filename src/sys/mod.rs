@@ -4,8 +4,14 @@
 //! are driven non-blocking: a call that would block returns `WouldBlock`, and the caller waits
 //! with [`poll`].
 
+mod futex;
+mod memfd;
 mod socket;
 mod wake;
 
 pub(crate) use socket::{peer_uid, poll, poll_with_doorbell, recv_with_fds, send_with_fds};
 pub(crate) use wake::Doorbell;
+// The shared-memory transport's doorbell will call these; until then only tests do.
+#[cfg_attr(not(test), allow(unused_imports))]
+pub(crate) use futex::{futex_wait, futex_wake, WaitResult};
+pub(crate) use memfd::{memfd, seal, seals, size, Seal};
