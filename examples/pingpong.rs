@@ -1,8 +1,8 @@
 //! Ping-pong and streaming benchmark of libchan transports, measured against their floors.
 //!
 //! ```text
-//! cargo run --release --example pingpong -- --transport mem|unix --size N
-//!     [--iters K] [--warmup W] [--mode rtt|stream] [--json]
+//! cargo run --release --example pingpong -- --transport mem|unix|shm --size N
+//!     [--iters K] [--warmup W] [--mode rtt|rtt-parked|stream] [--json]
 //! ```
 //!
 //! `--transport`, `--size` and `--mode` also take comma-separated lists (`--size 64,64k`).
@@ -14,12 +14,20 @@
 //!   both ends run `Session::from_unix_stream`. Floor: the same two processes exchanging
 //!   length-prefixed frames over the raw socket (std `UnixStream`, `BufReader` +
 //!   `read_exact`, one `write_all` per message).
+//! * `shm`: two real processes sharing a memfd mapping. libchan's shm transport is not built
+//!   yet, so only the floors run and the output says so (libchan columns `-`, JSON
+//!   `"libchan":null` with null numbers and ratio). Floors, per mode: a cache-line ping-pong
+//!   (`rtt`), a futex ping-pong where both sides sleep (`rtt-parked`), and an SPSC ring of
+//!   N-byte records (`stream`, plus single-core memcpy of N bytes for N >= 64 KiB). See the
+//!   "Shared-memory floors" section below for exactly what they do.
 //!
 //! The two sides are pinned to two different CPUs (the first two this process may run on).
 //! Whoever receives a message reads every byte of it (sums it) and checks the sum.
 //!
 //! * `rtt`: K round trips after W warm-up ones; each round trip is timed on its own and the
 //!   echo carries the whole payload back. Reports p50, p99, mean and round trips/s.
+//! * `rtt-parked`: shm only (skipped for the others): round trips in which each side sleeps
+//!   in the kernel until the other wakes it, i.e. the cost of two cross-core wake-ups.
 //! * `stream`: K messages one way (after W warm-up ones), then one acknowledgement back;
 //!   the clock runs from the first message to the acknowledgement. Reports msgs/s, bytes/s.
 //!
@@ -29,9 +37,12 @@
 use std::error::Error as StdError;
 use std::hint::black_box;
 use std::io::{self, BufReader, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::Ordering::{Acquire, Release};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -265,7 +276,7 @@ fn drive<L: Link>(
     iters: usize,
 ) -> Res<Measured> {
     match mode {
-        Mode::Rtt => {
+        Mode::Rtt | Mode::RttParked => {
             let mut samples = Vec::with_capacity(iters);
             let mut last_report = Instant::now();
             for i in 0..warmup + iters {
@@ -305,7 +316,7 @@ fn drive<L: Link>(
 /// The other side: echoes (rtt) or receives and acknowledges (stream), until the peer closes.
 fn respond<L: Link>(l: &mut L, mode: Mode, size: usize, warmup: usize, iters: usize) -> Res<()> {
     match mode {
-        Mode::Rtt => while l.echo()? {},
+        Mode::Rtt | Mode::RttParked => while l.echo()? {},
         Mode::Stream => {
             for i in 0..warmup {
                 expect_msg(l.recv_check()?, i as u64, size)?;
@@ -370,6 +381,17 @@ impl ChildGuard {
     }
 }
 
+impl ChildGuard {
+    /// Fails if the child has already exited (it should still be working).
+    fn check_running(&mut self) -> Res<()> {
+        let child = self.0.as_mut().expect("child already reaped");
+        match child.try_wait()? {
+            Some(status) => Err(format!("child process exited early: {status}").into()),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -386,6 +408,8 @@ enum ChildRole {
     Chan,
     /// Raw frames over the inherited socket.
     Raw,
+    /// The shared-memory floors, over an inherited memfd.
+    Shm,
 }
 
 impl ChildRole {
@@ -393,8 +417,24 @@ impl ChildRole {
         match self {
             ChildRole::Chan => "chan",
             ChildRole::Raw => "raw",
+            ChildRole::Shm => "shm",
         }
     }
+}
+
+/// The command that re-executes this program as the other side of `run`, pinned to `cpu`.
+fn child_command(role: ChildRole, run: &Run, cpu: usize) -> Res<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--child")
+        .arg(role.name())
+        .args(["--mode", run.mode.name()])
+        .args(["--size", &run.size.to_string()])
+        .args(["--warmup", &run.warmup.to_string()])
+        .args(["--iters", &run.iters.to_string()])
+        .args(["--cpu", &cpu.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Ok(cmd)
 }
 
 /// Re-executes this program as the other side; returns the guard and our end of the socket.
@@ -403,26 +443,18 @@ fn spawn_child(role: ChildRole, run: &Run, cpu: usize) -> Res<(ChildGuard, UnixS
     let child = {
         // The command owns `theirs` until it is dropped at the end of this block, so that
         // the parent keeps no copy of the child's end.
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.arg("--child")
-            .arg(role.name())
-            .args(["--mode", run.mode.name()])
-            .args(["--size", &run.size.to_string()])
-            .args(["--warmup", &run.warmup.to_string()])
-            .args(["--iters", &run.iters.to_string()])
-            .args(["--cpu", &cpu.to_string()])
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        let mut cmd = child_command(role, run, cpu)?;
+        cmd.stdin(Stdio::from(OwnedFd::from(theirs)));
         cmd.spawn()?
     };
     Ok((ChildGuard(Some(child)), ours))
 }
 
-/// Entry point of a re-executed child: its socket is its stdin.
+/// Entry point of a re-executed child: its socket is its stdin (shm: its memfd is `--shm-fd`).
 fn child_main(args: &[String]) -> Res<()> {
     let mut role = None;
     let (mut mode, mut size, mut warmup, mut iters, mut cpu) = (Mode::Rtt, 0, 0, 0, None);
+    let (mut shm_fd, mut yield_cpu) = (None, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -431,6 +463,7 @@ fn child_main(args: &[String]) -> Res<()> {
                 role = Some(match val()?.as_str() {
                     "chan" => ChildRole::Chan,
                     "raw" => ChildRole::Raw,
+                    "shm" => ChildRole::Shm,
                     r => return Err(format!("unknown child role {r}").into()),
                 })
             }
@@ -439,34 +472,43 @@ fn child_main(args: &[String]) -> Res<()> {
             "--warmup" => warmup = val()?.parse()?,
             "--iters" => iters = val()?.parse()?,
             "--cpu" => cpu = Some(val()?.parse()?),
+            "--shm-fd" => shm_fd = Some(val()?.parse::<RawFd>()?),
+            "--yield" => yield_cpu = true,
             x => return Err(format!("child: unknown argument {x}").into()),
         }
     }
     if let Some(cpu) = cpu {
         pin(cpu)?;
     }
-    let sock = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
+    let sock = || -> Res<UnixStream> { Ok(io::stdin().as_fd().try_clone_to_owned()?.into()) };
     match role.ok_or("child: no role")? {
         ChildRole::Chan => {
+            let sock = sock()?;
             let session = Session::from_unix_stream(sock, Role::Acceptor)?;
             let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
             let tx = session.open_channel::<Payload>()?;
             respond(&mut ChanLink { tx, rx }, mode, size, warmup, iters)
         }
-        ChildRole::Raw => respond(&mut RawLink::new(sock)?, mode, size, warmup, iters),
+        ChildRole::Raw => respond(&mut RawLink::new(sock()?)?, mode, size, warmup, iters),
+        ChildRole::Shm => {
+            let fd = shm_fd.ok_or("child: shm needs --shm-fd")?;
+            shm_child(fd, mode, size, warmup + iters, yield_cpu)
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // Transports.
 
-/// The transports this tool knows. Add shm/tcp/tls here.
+/// The transports this tool knows. Add tcp/tls here.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum TransportKind {
     /// In-process: two threads.
     Mem,
     /// Two processes over a unix socket.
     Unix,
+    /// Two processes over shared memory (floors only until libchan's shm transport exists).
+    Shm,
 }
 
 impl TransportKind {
@@ -474,8 +516,9 @@ impl TransportKind {
         match s {
             "mem" => Ok(TransportKind::Mem),
             "unix" => Ok(TransportKind::Unix),
-            "shm" | "tcp" | "tls" => Err(format!("transport {s} is not built yet").into()),
-            _ => Err(format!("unknown transport {s} (mem, unix)").into()),
+            "shm" => Ok(TransportKind::Shm),
+            "tcp" | "tls" => Err(format!("transport {s} is not built yet").into()),
+            _ => Err(format!("unknown transport {s} (mem, unix, shm)").into()),
         }
     }
 
@@ -483,14 +526,23 @@ impl TransportKind {
         match self {
             TransportKind::Mem => "mem",
             TransportKind::Unix => "unix",
+            TransportKind::Shm => "shm",
         }
     }
 
-    fn floor_name(self) -> &'static str {
-        match self {
-            TransportKind::Mem => "crossbeam bounded(256), 2 threads",
-            TransportKind::Unix => "raw unix socket, 2 processes",
+    fn floor_name(self, mode: Mode) -> &'static str {
+        match (self, mode) {
+            (TransportKind::Mem, _) => "crossbeam bounded(256), 2 threads",
+            (TransportKind::Unix, _) => "raw unix socket, 2 processes",
+            (TransportKind::Shm, Mode::Rtt) => "cache-line ping-pong over a memfd, 2 processes",
+            (TransportKind::Shm, Mode::RttParked) => "futex ping-pong over a memfd, 2 processes",
+            (TransportKind::Shm, Mode::Stream) => "SPSC ring over a memfd, 2 processes",
         }
+    }
+
+    /// Whether libchan implements this transport yet (if not, only the floor runs).
+    fn has_libchan(self) -> bool {
+        self != TransportKind::Shm
     }
 
     /// libchan on this transport.
@@ -520,6 +572,7 @@ impl TransportKind {
                 guard.finish()?;
                 Ok(measured)
             }
+            TransportKind::Shm => Err("libchan's shm transport is not built yet".into()),
         }
     }
 
@@ -542,6 +595,7 @@ impl TransportKind {
                 guard.finish()?;
                 Ok(measured)
             }
+            TransportKind::Shm => measure_shm_floor(run, cpus),
         }
     }
 }
@@ -572,6 +626,8 @@ fn in_thread<L: Link, P: Link + Send + 'static>(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Rtt,
+    /// Round trips where both sides sleep in the kernel (shm floor only).
+    RttParked,
     Stream,
 }
 
@@ -579,15 +635,25 @@ impl Mode {
     fn parse(s: &str) -> Res<Self> {
         match s {
             "rtt" => Ok(Mode::Rtt),
+            "rtt-parked" | "parked" => Ok(Mode::RttParked),
             "stream" => Ok(Mode::Stream),
-            _ => Err(format!("unknown mode {s} (rtt, stream)").into()),
+            _ => Err(format!("unknown mode {s} (rtt, rtt-parked, stream)").into()),
         }
     }
 
     fn name(self) -> &'static str {
         match self {
             Mode::Rtt => "rtt",
+            Mode::RttParked => "rtt-parked",
             Mode::Stream => "stream",
+        }
+    }
+
+    /// The name in the table's 6-character column.
+    fn short_name(self) -> &'static str {
+        match self {
+            Mode::RttParked => "parked",
+            m => m.name(),
         }
     }
 }
@@ -642,6 +708,8 @@ impl Stats {
 fn default_iters(mode: Mode, size: usize) -> usize {
     match mode {
         Mode::Rtt => 20_000,
+        // Each round trip sleeps twice (tens of microseconds).
+        Mode::RttParked => 10_000,
         // 200k messages, or about 1 GiB for large ones.
         Mode::Stream => ((1usize << 30) / size.max(1)).clamp(2_000, 200_000),
     }
@@ -678,9 +746,10 @@ fn fmt_rate(x: f64) -> String {
     }
 }
 
-const USAGE: &str = "usage: pingpong --transport mem|unix --size N [--iters K] [--warmup W] \
-[--mode rtt|stream] [--json]\n  (--transport, --size and --mode take comma-separated lists; \
-sizes may end in k or m)";
+const USAGE: &str = "usage: pingpong --transport mem|unix|shm --size N [--iters K] [--warmup W] \
+[--mode rtt|rtt-parked|stream] [--json]\n  (--transport, --size and --mode take comma-separated \
+lists; sizes may end in k or m; rtt-parked runs for shm only; shm runs the floors only until \
+libchan's shm transport exists)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -762,10 +831,26 @@ fn parent_main(args: &[String]) -> Res<()> {
             "trans", "mode", "size", "iters", "p50 ns", "p99 ns", "mean ns", "msgs/s", "MB/s",
             "fl p50", "fl p99", "fl mean", "fl msg/s", "fl MB/s", "ratio"
         );
+        if transports.contains(&TransportKind::Shm) {
+            println!("note: {SHM_NOTE}; libchan columns and ratio are '-' for shm");
+            println!(
+                "note: shm floors: rtt = cache-line ping-pong, parked = futex ping-pong (payload \
+                 one way, parent -> child, read fully); stream = SPSC ring; memcpy = one core \
+                 copying size bytes, same run"
+            );
+        }
     }
 
     for &transport in &transports {
         for &mode in &modes {
+            if mode == Mode::RttParked && transport != TransportKind::Shm {
+                eprintln!(
+                    "pingpong: {} {}: skipped (rtt-parked is a shm floor only)",
+                    transport.name(),
+                    mode.name()
+                );
+                continue;
+            }
             for &size in &sizes {
                 let iters = iters.unwrap_or_else(|| default_iters(mode, size));
                 let warmup = warmup.unwrap_or((iters / 10).clamp(100, 10_000));
@@ -777,41 +862,68 @@ fn parent_main(args: &[String]) -> Res<()> {
                     iters,
                 };
                 let label = format!("{} {} {size} B x {iters}", transport.name(), mode.name());
-                eprintln!("pingpong: {label}: floor ({})...", transport.floor_name());
+                eprintln!(
+                    "pingpong: {label}: floor ({})...",
+                    transport.floor_name(mode)
+                );
                 let t = Instant::now();
                 let floor = Stats::of(transport.measure_floor(&run, cpus)?, size, iters);
-                eprintln!(
-                    "pingpong: {label}: floor done in {:.2} s; libchan...",
-                    t.elapsed().as_secs_f64()
-                );
-                let t = Instant::now();
-                let ours = Stats::of(run.transport.measure_ours(&run, cpus)?, size, iters);
-                eprintln!(
-                    "pingpong: {label}: libchan done in {:.2} s",
-                    t.elapsed().as_secs_f64()
-                );
-                let ratio = match mode {
-                    Mode::Rtt => ours.p50.unwrap_or(f64::NAN) / floor.p50.unwrap_or(f64::NAN),
+                let memcpy = (transport == TransportKind::Shm
+                    && mode == Mode::Stream
+                    && size >= MEMCPY_MIN_SIZE)
+                    .then(|| memcpy_bytes_per_s(size));
+                let ours = if transport.has_libchan() {
+                    eprintln!(
+                        "pingpong: {label}: floor done in {:.2} s; libchan...",
+                        t.elapsed().as_secs_f64()
+                    );
+                    let t = Instant::now();
+                    let ours = Stats::of(run.transport.measure_ours(&run, cpus)?, size, iters);
+                    eprintln!(
+                        "pingpong: {label}: libchan done in {:.2} s",
+                        t.elapsed().as_secs_f64()
+                    );
+                    Some(ours)
+                } else {
+                    eprintln!(
+                        "pingpong: {label}: floor done in {:.2} s; {SHM_NOTE}",
+                        t.elapsed().as_secs_f64()
+                    );
+                    None
+                };
+                let ratio = ours.as_ref().map_or(f64::NAN, |ours| match mode {
+                    Mode::Rtt | Mode::RttParked => {
+                        ours.p50.unwrap_or(f64::NAN) / floor.p50.unwrap_or(f64::NAN)
+                    }
                     // Same message count and size on both sides: the msgs/s ratio is the
                     // bytes/s ratio, and is defined for size 0 too.
                     Mode::Stream => floor.msgs_per_s / ours.msgs_per_s,
-                };
+                });
                 if json {
+                    // Keys beyond the common ones, for transports libchan lacks (shm).
+                    let extra = if ours.is_none() {
+                        format!(
+                            ",\"libchan\":null,\"note\":\"{SHM_NOTE}\",\"memcpy_bytes_per_s\":{}",
+                            json_num(memcpy)
+                        )
+                    } else {
+                        String::new()
+                    };
                     println!(
                         "{{\"transport\":\"{}\",\"mode\":\"{}\",\"size\":{size},\"iters\":{iters},\
                          \"warmup\":{warmup},\"p50_ns\":{},\"p99_ns\":{},\"mean_ns\":{},\
                          \"msgs_per_s\":{},\"bytes_per_s\":{},\"floor\":\"{}\",\
                          \"floor_p50_ns\":{},\"floor_p99_ns\":{},\"floor_mean_ns\":{},\
                          \"floor_msgs_per_s\":{},\"floor_bytes_per_s\":{},\"ratio\":{},\
-                         \"ratio_of\":\"{}\",\"cpus\":[{},{}]}}",
+                         \"ratio_of\":\"{}\"{extra},\"cpus\":[{},{}]}}",
                         transport.name(),
                         mode.name(),
-                        json_num(ours.p50),
-                        json_num(ours.p99),
-                        json_num(Some(ours.mean)),
-                        json_num(Some(ours.msgs_per_s)),
-                        json_num(Some(ours.bytes_per_s)),
-                        transport.floor_name(),
+                        json_num(ours.as_ref().and_then(|o| o.p50)),
+                        json_num(ours.as_ref().and_then(|o| o.p99)),
+                        json_num(ours.as_ref().map(|o| o.mean)),
+                        json_num(ours.as_ref().map(|o| o.msgs_per_s)),
+                        json_num(ours.as_ref().map(|o| o.bytes_per_s)),
+                        transport.floor_name(mode),
                         json_num(floor.p50),
                         json_num(floor.p99),
                         json_num(Some(floor.mean)),
@@ -823,34 +935,496 @@ fn parent_main(args: &[String]) -> Res<()> {
                             "null".to_string()
                         },
                         match mode {
-                            Mode::Rtt => "p50 / floor p50",
+                            Mode::Rtt | Mode::RttParked => "p50 / floor p50",
                             Mode::Stream => "floor rate / rate",
                         },
                         cpus.0,
                         cpus.1,
                     );
                 } else {
+                    let dash = || "-".to_string();
                     println!(
-                        "{:<5} {:<6} {:>7} {:>7} | {:>8} {:>8} {:>8.0} {:>8} {:>9.1} | {:>8} {:>8} {:>8.0} {:>8} {:>9.1} | {:>6.2}",
+                        "{:<5} {:<6} {:>7} {:>7} | {:>8} {:>8} {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8.0} {:>8} {:>9.1} | {:>6}{}",
                         transport.name(),
-                        mode.name(),
+                        mode.short_name(),
                         size,
                         iters,
-                        fmt_opt(ours.p50),
-                        fmt_opt(ours.p99),
-                        ours.mean,
-                        fmt_rate(ours.msgs_per_s),
-                        ours.bytes_per_s / 1e6,
+                        fmt_opt(ours.as_ref().and_then(|o| o.p50)),
+                        fmt_opt(ours.as_ref().and_then(|o| o.p99)),
+                        ours.as_ref().map_or_else(dash, |o| format!("{:.0}", o.mean)),
+                        ours.as_ref().map_or_else(dash, |o| fmt_rate(o.msgs_per_s)),
+                        ours.as_ref()
+                            .map_or_else(dash, |o| format!("{:.1}", o.bytes_per_s / 1e6)),
                         fmt_opt(floor.p50),
                         fmt_opt(floor.p99),
                         floor.mean,
                         fmt_rate(floor.msgs_per_s),
                         floor.bytes_per_s / 1e6,
-                        ratio
+                        if ours.is_some() {
+                            format!("{ratio:.2}")
+                        } else {
+                            dash()
+                        },
+                        memcpy.map_or_else(String::new, |m| format!("  memcpy {:.1} MB/s", m / 1e6)),
                     );
                 }
             }
         }
     }
     Ok(())
+}
+
+// =======================================================================================
+// Shared-memory floors (`--transport shm`).
+//
+// libchan's shm transport is not built yet, so for shm only these floors run; the output
+// says so. Each runs between this process and a re-executed child (`--child shm --shm-fd N`),
+// pinned like the other transports, over one memfd mapping: the parent creates and maps it,
+// clears close-on-exec on the fd for the spawn and passes its number; the child maps the
+// inherited fd. Layout:
+//
+//   offset   0   ping word, written by the parent (sequence number / ring write index)
+//   offset 128   pong word, written by the child (echo / ring read index)
+//   offset 4096  payload: one N-byte region (rtt modes) or the ring's records (stream)
+//
+// * rtt: cache-line ping-pong. The parent writes the N-byte payload, stores the sequence
+//   number into the ping word (release) and spins until the child echoes it into the pong
+//   word; the child spins on the ping word, reads and sums the whole payload, then echoes.
+//   The payload travels one way; the timed span covers writing it.
+// * rtt-parked: the same exchange on 32-bit futex words. Each side sleeps in FUTEX_WAIT
+//   (shared, not PRIVATE: the waiters are in two processes) until its word changes, and the
+//   writer calls FUTEX_WAKE after every store: each round trip pays two cross-core wake-ups.
+// * stream: an SPSC ring of N-byte records (stride N rounded up to 64 B; 256 records, fewer
+//   when that exceeds 2 MiB, at least 2). The parent fills a record and publishes the write
+//   index; the child reads and sums the record and publishes the read index; each side
+//   reloads the other's index only when it must wait. Clocked like the other streams: from
+//   the first measured record until the child has consumed the last one.
+// * memcpy (stream, N >= 64 KiB): one core copying N bytes between two buffers of this
+//   process, repeatedly (about 1 GiB in all), in the same run.
+
+/// What the output says while libchan has no shm transport.
+const SHM_NOTE: &str = "libchan shm transport not built yet: floors only";
+/// Offset of the word the parent writes; the child's is one 128-byte line further, so that
+/// adjacent-line prefetch does not couple them.
+const SHM_PING: usize = 0;
+/// Offset of the word the child writes.
+const SHM_PONG: usize = 128;
+/// Offset of the payload / ring records.
+const SHM_DATA: usize = 4096;
+/// Stream ring: at most this many records...
+const SHM_RING_SLOTS: usize = 256;
+/// ...and at most this many bytes (but at least two records).
+const SHM_RING_BYTES: usize = 2 << 20;
+/// What the parent stores in the ping word to end an rtt run.
+const SHM_STOP: u64 = u64::MAX;
+/// The same for rtt-parked's 32-bit futex word.
+const SHM_STOP32: u32 = u32::MAX;
+/// The stream reports memcpy bandwidth from this size up.
+const MEMCPY_MIN_SIZE: usize = 64 * 1024;
+/// A waiting side fails when its peer made no progress for this long.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A spinning side checks on its peer every this many spins.
+const SPINS_PER_CHECK: u32 = 1 << 16;
+/// A parked side wakes up this often to check on its peer.
+const PARK_CHECK: Duration = Duration::from_millis(100);
+
+/// Where things are in the mapping for one run; both processes derive it from mode and size.
+#[derive(Clone, Copy)]
+struct ShmLayout {
+    /// Distance between two records (stream), or the payload size (rtt modes).
+    stride: usize,
+    /// Records in the ring (stream), or 1.
+    slots: usize,
+}
+
+impl ShmLayout {
+    fn of(mode: Mode, size: usize) -> ShmLayout {
+        match mode {
+            Mode::Rtt | Mode::RttParked => ShmLayout {
+                stride: size,
+                slots: 1,
+            },
+            Mode::Stream => {
+                let stride = size.next_multiple_of(64);
+                let slots = (SHM_RING_BYTES / stride.max(1)).clamp(2, SHM_RING_SLOTS);
+                ShmLayout { stride, slots }
+            }
+        }
+    }
+
+    fn map_len(self) -> usize {
+        SHM_DATA + self.stride * self.slots
+    }
+
+    /// Offset, from the start of the data area, of the record with this index.
+    fn record(self, i: u64) -> usize {
+        (i % self.slots as u64) as usize * self.stride
+    }
+}
+
+/// A shared read-write mapping of a memfd, unmapped on drop.
+struct ShmMap {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+impl ShmMap {
+    /// A fresh zero-filled memfd of `len` bytes, mapped; the fd is close-on-exec.
+    fn create(len: usize) -> Res<(ShmMap, OwnedFd)> {
+        use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+        let fd = memfd_create("libchan-pingpong", MemfdFlags::CLOEXEC)?;
+        ftruncate(&fd, len as u64)?;
+        let map = ShmMap::map(&fd, len)?;
+        Ok((map, fd))
+    }
+
+    /// Maps the first `len` bytes of `fd`, shared, read-write.
+    fn map(fd: impl AsFd, len: usize) -> Res<ShmMap> {
+        use rustix::mm::{mmap, MapFlags, ProtFlags};
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        // SAFETY: a new mapping at an address the kernel picks: it aliases no Rust object.
+        let p = unsafe { mmap(ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
+        let base = NonNull::new(p.cast::<u8>()).ok_or("mmap returned null")?;
+        Ok(ShmMap { base, len })
+    }
+
+    /// The 64-bit atomic word at `off` in the header.
+    fn word(&self, off: usize) -> &AtomicU64 {
+        assert!(off % 8 == 0 && off + 8 <= SHM_DATA.min(self.len));
+        // SAFETY: in bounds and 8-aligned (the mapping is page-aligned); it lives as long as
+        // `self`, and both processes only ever access it atomically.
+        unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(off).cast()) }
+    }
+
+    /// The 32-bit atomic (futex) word at `off` in the header.
+    fn word32(&self, off: usize) -> &AtomicU32 {
+        assert!(off % 4 == 0 && off + 4 <= SHM_DATA.min(self.len));
+        // SAFETY: as in `word`, with 4-byte alignment.
+        unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(off).cast()) }
+    }
+
+    /// Pointer to `len` data bytes at `off` (from the start of the data area), bounds-checked.
+    fn data(&self, off: usize, len: usize) -> *mut u8 {
+        assert!(
+            SHM_DATA + off + len <= self.len,
+            "data range out of the mapping"
+        );
+        // SAFETY: in bounds, checked just above.
+        unsafe { self.base.as_ptr().add(SHM_DATA + off) }
+    }
+
+    /// Writes `len` bytes of `byte` at data offset `off`.
+    ///
+    /// # Safety
+    /// The peer must not access that range until we publish it (release store).
+    unsafe fn fill(&self, off: usize, len: usize, byte: u8) {
+        let p = self.data(off, len);
+        // SAFETY: in bounds (`data` checks); exclusive access is the caller's promise.
+        unsafe { ptr::write_bytes(p, byte, len) }
+    }
+
+    /// The `len` data bytes at `off`.
+    ///
+    /// # Safety
+    /// The peer must have published that range (we acquired it) and must not write it while
+    /// the slice lives.
+    unsafe fn bytes(&self, off: usize, len: usize) -> &[u8] {
+        let p = self.data(off, len);
+        // SAFETY: in bounds (`data` checks); no concurrent writer is the caller's promise.
+        unsafe { std::slice::from_raw_parts(p, len) }
+    }
+}
+
+impl Drop for ShmMap {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range; every borrow of it (words, slices) borrows
+        // `self`, so none outlives this call.
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Waits on the peer (spinning or parked), checking now and then that it is alive and
+/// making progress, so that a dead or stuck peer is an error, not a hang.
+struct Watch<'a> {
+    /// Fails once the peer is gone.
+    peer_alive: &'a mut dyn FnMut() -> Res<()>,
+    /// Both sides share one CPU: yield instead of spinning.
+    yield_cpu: bool,
+}
+
+impl Watch<'_> {
+    /// Spins until `ready` returns a value.
+    fn spin_for<T>(&mut self, mut ready: impl FnMut() -> Option<T>) -> Res<T> {
+        let (mut spins, mut since) = (0u32, None);
+        loop {
+            if let Some(v) = ready() {
+                return Ok(v);
+            }
+            spins = spins.wrapping_add(1);
+            if spins % SPINS_PER_CHECK == 0 {
+                self.check(&mut since)?;
+            }
+            if self.yield_cpu {
+                thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Sleeps on the futex `word` while it holds `old`; returns the new value.
+    fn park_while(&mut self, word: &AtomicU32, old: u32) -> Res<u32> {
+        use rustix::io::Errno;
+        use rustix::thread::futex;
+        let timeout = futex::Timespec {
+            tv_sec: 0,
+            tv_nsec: PARK_CHECK.as_nanos() as _,
+        };
+        let mut since = None;
+        loop {
+            let v = word.load(Acquire);
+            if v != old {
+                return Ok(v);
+            }
+            // Not PRIVATE: the waker is another process.
+            match futex::wait(word, futex::Flags::empty(), old, Some(&timeout)) {
+                Ok(()) => {}
+                Err(Errno::AGAIN | Errno::INTR) => {}
+                Err(Errno::TIMEDOUT) => self.check(&mut since)?,
+                Err(e) => return Err(format!("futex wait: {e}").into()),
+            }
+        }
+    }
+
+    fn check(&mut self, since: &mut Option<Instant>) -> Res<()> {
+        (self.peer_alive)()?;
+        if since.get_or_insert_with(Instant::now).elapsed() > STALL_TIMEOUT {
+            return Err(format!("peer made no progress for {STALL_TIMEOUT:?}").into());
+        }
+        Ok(())
+    }
+}
+
+/// Wakes the (other-process) waiter on `word`.
+fn futex_wake(word: &AtomicU32) -> Res<()> {
+    use rustix::thread::futex;
+    futex::wake(word, futex::Flags::empty(), 1)?;
+    Ok(())
+}
+
+/// Parent side of an shm floor: makes the mapping, spawns the child, measures.
+fn measure_shm_floor(run: &Run, cpus: (usize, usize)) -> Res<Measured> {
+    let total = run.warmup + run.iters;
+    if run.mode == Mode::RttParked && total >= SHM_STOP32 as usize {
+        return Err("rtt-parked: too many round trips for a 32-bit futex word".into());
+    }
+    let layout = ShmLayout::of(run.mode, run.size);
+    let (map, fd) = ShmMap::create(layout.map_len())?;
+    let yield_cpu = cpus.0 == cpus.1;
+    let spawned = {
+        // The child inherits the memfd: clear close-on-exec for this spawn. No other
+        // thread of this process starts programs meanwhile, and `fd` is closed right after.
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty())?;
+        let mut cmd = child_command(ChildRole::Shm, run, cpus.1)?;
+        cmd.args(["--shm-fd", &fd.as_raw_fd().to_string()])
+            .stdin(Stdio::null());
+        if yield_cpu {
+            cmd.arg("--yield");
+        }
+        let spawned = cmd.spawn();
+        drop(fd); // The mapping keeps the memory; only the child holds the fd now.
+        spawned?
+    };
+    let mut guard = ChildGuard(Some(spawned));
+    let measured = {
+        let mut alive = || guard.check_running();
+        let mut watch = Watch {
+            peer_alive: &mut alive,
+            yield_cpu,
+        };
+        shm_drive(&map, layout, run, &mut watch)?
+    };
+    guard.finish()?;
+    Ok(measured)
+}
+
+/// The measuring (parent) side of the shm floors.
+fn shm_drive(map: &ShmMap, layout: ShmLayout, run: &Run, w: &mut Watch) -> Res<Measured> {
+    let (size, total) = (run.size, run.warmup + run.iters);
+    let mut samples = Vec::with_capacity(run.iters);
+    let mut last_report = Instant::now();
+    let mut progress = |i: usize, dt: Duration| {
+        if i >= run.warmup {
+            samples.push(dt.as_nanos() as u64);
+        }
+        if i % 1024 == 0 && last_report.elapsed() > Duration::from_secs(2) {
+            eprintln!("pingpong:   {i}/{total} round trips");
+            last_report = Instant::now();
+        }
+    };
+    match run.mode {
+        Mode::Rtt => {
+            let (ping, pong) = (map.word(SHM_PING), map.word(SHM_PONG));
+            for i in 0..total {
+                let seq = i as u64 + 1;
+                let t0 = Instant::now();
+                // SAFETY: the child reads the payload only once it sees `seq`, and it is done
+                // with the previous one: it echoed it.
+                unsafe { map.fill(0, size, seq as u8) };
+                ping.store(seq, Release);
+                w.spin_for(|| (pong.load(Acquire) == seq).then_some(()))?;
+                progress(i, t0.elapsed());
+            }
+            ping.store(SHM_STOP, Release);
+        }
+        Mode::RttParked => {
+            let (ping, pong) = (map.word32(SHM_PING), map.word32(SHM_PONG));
+            for i in 0..total {
+                let seq = i as u32 + 1;
+                let t0 = Instant::now();
+                // SAFETY: as for rtt.
+                unsafe { map.fill(0, size, seq as u8) };
+                ping.store(seq, Release);
+                futex_wake(ping)?;
+                let got = w.park_while(pong, seq - 1)?;
+                progress(i, t0.elapsed());
+                if got != seq {
+                    return Err(format!("child echoed {got}, expected {seq}").into());
+                }
+            }
+            ping.store(SHM_STOP32, Release);
+            futex_wake(ping)?;
+        }
+        Mode::Stream => {
+            let (wr, rd) = (map.word(SHM_PING), map.word(SHM_PONG));
+            let slots = layout.slots as u64;
+            let mut read_seen = 0u64;
+            let mut produce = |w: &mut Watch, range: std::ops::Range<u64>| -> Res<()> {
+                for i in range {
+                    if i - read_seen == slots {
+                        read_seen = w.spin_for(|| {
+                            let r = rd.load(Acquire);
+                            (i - r < slots).then_some(r)
+                        })?;
+                    }
+                    // SAFETY: the child has consumed record i - slots (read index > it) and
+                    // reads record i only after we publish the write index i + 1.
+                    unsafe { map.fill(layout.record(i), size, i as u8) };
+                    wr.store(i + 1, Release);
+                }
+                Ok(())
+            };
+            let consumed =
+                |w: &mut Watch, n: u64| w.spin_for(|| (rd.load(Acquire) == n).then_some(()));
+            let (warmup, total) = (run.warmup as u64, total as u64);
+            produce(w, 0..warmup)?;
+            consumed(w, warmup)?;
+            let t0 = Instant::now();
+            produce(w, warmup..total)?;
+            consumed(w, total)?;
+            return Ok(Measured::Stream(t0.elapsed()));
+        }
+    }
+    Ok(Measured::Rtt(samples))
+}
+
+/// The child side of the shm floors: echoes (rtt modes) or consumes `total` records.
+fn shm_child(fd: RawFd, mode: Mode, size: usize, total: usize, yield_cpu: bool) -> Res<()> {
+    if fd <= 2 {
+        return Err(format!("child: bad --shm-fd {fd}").into());
+    }
+    // SAFETY: the parent cleared close-on-exec on this memfd and passed its number; nothing
+    // else in this process owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let layout = ShmLayout::of(mode, size);
+    let len = rustix::fs::fstat(&fd)?.st_size as usize;
+    if len < layout.map_len() {
+        return Err(format!(
+            "child: memfd is {len} B, the layout needs {}",
+            layout.map_len()
+        )
+        .into());
+    }
+    let map = ShmMap::map(&fd, len)?;
+    drop(fd);
+    let parent = rustix::process::getppid();
+    let mut alive = || -> Res<()> {
+        if rustix::process::getppid() != parent {
+            return Err("child: the parent is gone".into());
+        }
+        Ok(())
+    };
+    let w = &mut Watch {
+        peer_alive: &mut alive,
+        yield_cpu,
+    };
+    match mode {
+        Mode::Rtt => {
+            let (ping, pong) = (map.word(SHM_PING), map.word(SHM_PONG));
+            let mut last = 0;
+            loop {
+                let seq = w.spin_for(|| {
+                    let v = ping.load(Acquire);
+                    (v != last).then_some(v)
+                })?;
+                if seq == SHM_STOP {
+                    return Ok(());
+                }
+                // SAFETY: the parent wrote the payload before publishing `seq` (we acquired
+                // it) and writes it again only after our echo.
+                touch_check(seq, unsafe { map.bytes(0, size) })?;
+                pong.store(seq, Release);
+                last = seq;
+            }
+        }
+        Mode::RttParked => {
+            let (ping, pong) = (map.word32(SHM_PING), map.word32(SHM_PONG));
+            let mut last = 0;
+            loop {
+                let seq = w.park_while(ping, last)?;
+                if seq == SHM_STOP32 {
+                    return Ok(());
+                }
+                // SAFETY: as for rtt.
+                touch_check(u64::from(seq), unsafe { map.bytes(0, size) })?;
+                pong.store(seq, Release);
+                futex_wake(pong)?;
+                last = seq;
+            }
+        }
+        Mode::Stream => {
+            let (wr, rd) = (map.word(SHM_PING), map.word(SHM_PONG));
+            let mut written_seen = 0u64;
+            for i in 0..total as u64 {
+                if i == written_seen {
+                    written_seen = w.spin_for(|| {
+                        let v = wr.load(Acquire);
+                        (v > i).then_some(v)
+                    })?;
+                }
+                // SAFETY: the parent published record i (write index > i, acquired) and
+                // reuses its slot only after our read index passes it.
+                touch_check(i, unsafe { map.bytes(layout.record(i), size) })?;
+                rd.store(i + 1, Release);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Single-core memcpy bandwidth for `size`-byte copies between two buffers, in bytes/s.
+fn memcpy_bytes_per_s(size: usize) -> f64 {
+    let src = vec![0x5a_u8; size];
+    let mut dst = vec![0_u8; size];
+    let reps = ((1usize << 30) / size.max(1)).clamp(16, 1 << 20);
+    let mut copy = |n: usize| {
+        for _ in 0..n {
+            dst.copy_from_slice(black_box(&src[..]));
+            black_box(&mut dst);
+        }
+    };
+    copy(reps / 10 + 1);
+    let t0 = Instant::now();
+    copy(reps);
+    (reps * size) as f64 / t0.elapsed().as_secs_f64()
 }
