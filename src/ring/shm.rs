@@ -173,6 +173,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and mmap are system calls miri cannot run")]
     fn create_is_zeroed_aligned_and_sealed() {
         let (region, fd) = ShmRegion::create(10_000).unwrap();
         assert_eq!(region.len(), 10_000);
@@ -186,6 +187,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and mmap are system calls miri cannot run")]
     fn two_mappings_share_bytes_and_outlive_the_fd() {
         let (a, fd) = ShmRegion::create(8192).unwrap();
         let b = ShmRegion::map(fd.as_fd(), 8192).unwrap();
@@ -200,6 +202,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and mmap are system calls miri cannot run")]
     fn map_refuses_unsealed_resized_or_foreign_fds() {
         let bad_data = |r: io::Result<ShmRegion>| r.unwrap_err().kind();
 
@@ -341,6 +344,7 @@ mod tests {
     const RING_CAPACITY: usize = 64 * 1024;
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and mmap are system calls miri cannot run")]
     fn ring_round_trips_between_two_mappings() {
         let (a, fd) = ShmRegion::create(region_len(RING_CAPACITY)).unwrap();
         let b = ShmRegion::map(fd.as_fd(), region_len(RING_CAPACITY)).unwrap();
@@ -425,6 +429,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and mmap are system calls miri cannot run")]
     fn cross_process_ring_and_futex_ping_pong() {
         let (ring, ring_fd) = ShmRegion::create(region_len(RING_CAPACITY)).unwrap();
         let (ctl, ctl_fd) = ShmRegion::create(CTL_LEN).unwrap();
@@ -498,6 +503,7 @@ mod tests {
 
     /// The child half of `cross_process_ring_and_futex_ping_pong`; a no-op unless run by it.
     #[test]
+    #[cfg_attr(miri, ignore = "memfd and mmap are system calls miri cannot run")]
     fn child_entry() {
         let (Ok(ring_fd), Ok(ctl_fd)) = (std::env::var(ENV_RING_FD), std::env::var(ENV_CTL_FD))
         else {
