@@ -167,3 +167,37 @@ fn too_many_fds_in_one_message_is_an_error() {
     let m = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
     assert_eq!(m.into_owned().unwrap().len(), 3);
 }
+
+/// `try_recv` on a channel that a session feeds reads the socket itself: with nobody else
+/// reading the session, a polling receiver still gets the message.
+#[test]
+fn try_recv_alone_reads_the_session() {
+    let (a, b) = Session::pair().unwrap();
+    let tx = a.open_channel::<u32>().unwrap();
+    let rx = b.accept_channel::<u32>().unwrap();
+    tx.send(7).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match rx.try_recv() {
+            Ok(m) => {
+                assert_eq!(*m, 7);
+                break;
+            }
+            Err(TryRecvError::Empty) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) => panic!("try_recv never saw the message: {e}"),
+        }
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match rx.try_recv() {
+            Err(TryRecvError::Closed) => break,
+            Err(TryRecvError::Empty) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            other => panic!("expected Closed, got {:?}", other.err()),
+        }
+    }
+}

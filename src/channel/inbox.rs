@@ -318,6 +318,7 @@ impl Inbox {
     /// Takes the next message, waiting as `wait` allows.
     pub(crate) fn pop(&self, wait: Wait) -> Result<Entry, PopError> {
         let mut spun = false;
+        let mut polled = false;
         loop {
             let feed = {
                 let mut s = self.lock();
@@ -337,13 +338,16 @@ impl Inbox {
                         PopError::Closed
                     });
                 }
-                if wait.expired() {
+                if wait.expired() && !(matches!(wait, Wait::No) && !polled && !s.feeds.is_empty()) {
                     return Err(if matches!(wait, Wait::No) {
                         PopError::Empty
                     } else {
                         PopError::Timeout
                     });
                 }
+                // (A `try_recv` on a channel a session feeds reads that session once, without
+                // waiting, before it reports `Empty`.)
+                polled = true;
                 let feed = s.feeds.first().map(|(c, _)| c.clone());
                 s.driving.clone_from(&feed);
                 feed
