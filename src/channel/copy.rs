@@ -59,7 +59,7 @@ pub fn copy<T: Message>(rx: &Receiver<T>, tx: &Sender<T>) -> Result<usize, CopyE
         }
         match tx.core.send(entry.packet, Wait::Forever) {
             Ok(()) => copied += 1,
-            Err((_, PushError::Disconnected | PushError::Full | PushError::Timeout)) => {
+            Err(PushError::Disconnected | PushError::Full | PushError::Timeout) => {
                 return Err(CopyError { copied })
             }
         }

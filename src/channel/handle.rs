@@ -74,7 +74,7 @@ impl SendCore {
         Ok(())
     }
 
-    pub(crate) fn send(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {
+    pub(crate) fn send(&self, packet: Packet, wait: Wait) -> Result<(), PushError> {
         match self {
             SendCore::Local(inbox) => inbox.push(packet, wait),
             SendCore::Remote(out) => out.send(packet, wait),

@@ -259,20 +259,16 @@ impl Inbox {
     }
 
     /// Pushes a message from a local sender, waiting for room as `wait` allows.
-    pub(crate) fn push(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {
-        let mut packet = Some(packet);
+    pub(crate) fn push(&self, packet: Packet, wait: Wait) -> Result<(), PushError> {
         let mut spun = false;
         loop {
             let mut s = self.lock();
             if s.receivers == 0 {
-                return Err((
-                    packet.take().expect("packet is pushed once"),
-                    PushError::Disconnected,
-                ));
+                return Err(PushError::Disconnected);
             }
             if s.queue.len() < self.cap {
                 s.queue.push_back(Entry {
-                    packet: packet.take().expect("packet is pushed once"),
+                    packet,
                     credit: None,
                 });
                 // pairs with the Acquire load in `pop`'s spin loop.
@@ -294,7 +290,7 @@ impl Inbox {
                 } else {
                     PushError::Timeout
                 };
-                return Err((packet.take().expect("packet is pushed once"), kind));
+                return Err(kind);
             }
             if !spun {
                 // The receiver is usually draining right now: spin on the length (without the

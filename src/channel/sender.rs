@@ -135,8 +135,8 @@ impl<T: Message> Sender<T> {
             Ok(()) => Ok(()),
             // The packet's handles are duplicates owned by the packet: dropping it releases
             // them, and `msg` still owns the originals.
-            Err((_, PushError::Disconnected)) => Err((msg, Some(Error::Disconnected))),
-            Err((_, PushError::Full | PushError::Timeout)) => Err((msg, None)),
+            Err(PushError::Disconnected) => Err((msg, Some(Error::Disconnected))),
+            Err(PushError::Full | PushError::Timeout) => Err((msg, None)),
         }
     }
 }

@@ -39,8 +39,9 @@ pub(crate) trait Feed: Send + Sync {
 
 /// The sending half of a channel on a session.
 pub(crate) trait Outlet: Send + Sync {
-    /// Sends one message, waiting for credit as `wait` allows.
-    fn send(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)>;
+    /// Sends one message, waiting for credit as `wait` allows. A message that is not sent is
+    /// dropped (its handles close); the caller still holds the value it encoded.
+    fn send(&self, packet: Packet, wait: Wait) -> Result<(), PushError>;
 
     /// Largest archive the session accepts.
     fn max_message(&self) -> usize;

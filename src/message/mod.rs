@@ -108,16 +108,6 @@ pub(crate) struct Packet {
     pub(crate) handles: Vec<Handle>,
 }
 
-impl Packet {
-    /// A packet with no bytes and no handles (what is left after a failed send).
-    pub(crate) fn empty() -> Self {
-        Self {
-            bytes: Bytes::new(),
-            handles: Vec::new(),
-        }
-    }
-}
-
 /// Serializes `value` and collects its handles. Fails with `TooLarge` when the archive would
 /// exceed `limit` bytes (checked while writing, before rkyv's 32-bit offsets could overflow).
 ///

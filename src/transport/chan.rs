@@ -7,7 +7,7 @@ use std::thread::{self, Thread};
 
 use super::conn::Conn;
 use crate::channel::{
-    CreditSink, Drive, Inbox, Outlet, PopError, PushError, RecvCore, SendCore, Wait,
+    CreditSink, Drive, Feed, Inbox, Outlet, PopError, PushError, RecvCore, SendCore, Wait,
 };
 use crate::message::Packet;
 use crate::proto::credit::{data_cost, RecvWindow, SendCredit};
@@ -83,14 +83,6 @@ impl OutChan {
         })
     }
 
-    pub(crate) fn max_message(&self) -> usize {
-        self.conn.limits.max_message as usize
-    }
-
-    pub(crate) fn is_disconnected(&self) -> bool {
-        self.reset.load(Ordering::Acquire) || self.conn.cannot_send()
-    }
-
     fn try_spend(&self, cost: u64) -> bool {
         let mut c = self.credit.lock().unwrap_or_else(|e| e.into_inner());
         if c.can_send() {
@@ -108,15 +100,37 @@ impl OutChan {
             .can_send()
     }
 
+    pub(crate) fn grant(&self, n: u32) {
+        self.credit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handle_grant(n);
+        self.wake();
+    }
+
+    pub(crate) fn mark_reset(&self) {
+        self.reset.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    pub(crate) fn wake(&self) {
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in waiters {
+            t.unpark();
+        }
+    }
+}
+
+impl Outlet for OutChan {
     /// Sends one message, waiting for credit as `wait` allows.
-    pub(crate) fn send(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {
+    fn send(&self, packet: Packet, wait: Wait) -> Result<(), PushError> {
         let cost = data_cost(packet.handles.len() * 16 + packet.bytes.len());
         // Take in what the peer already sent (credit, a reset) so that a dropped receiver
         // fails this send rather than a later one.
         self.conn.poll_input();
         loop {
             if self.is_disconnected() {
-                return Err((packet, PushError::Disconnected));
+                return Err(PushError::Disconnected);
             }
             if self.try_spend(cost) {
                 break;
@@ -127,7 +141,7 @@ impl OutChan {
                 } else {
                     PushError::Timeout
                 };
-                return Err((packet, e));
+                return Err(e);
             }
             let me = thread::current();
             self.waiters
@@ -153,46 +167,18 @@ impl OutChan {
             } else {
                 PushError::Timeout
             };
-            return Err((packet, e));
+            return Err(e);
         }
         let reset = || self.reset.load(Ordering::Acquire);
-        self.conn
-            .send_data(self.id, packet, &reset)
-            .map_err(|e| (Packet::empty(), e))
-    }
-
-    pub(crate) fn grant(&self, n: u32) {
-        self.credit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .handle_grant(n);
-        self.wake();
-    }
-
-    pub(crate) fn mark_reset(&self) {
-        self.reset.store(true, Ordering::Release);
-        self.wake();
-    }
-
-    pub(crate) fn wake(&self) {
-        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
-        for t in waiters {
-            t.unpark();
-        }
-    }
-}
-
-impl Outlet for OutChan {
-    fn send(&self, packet: Packet, wait: Wait) -> Result<(), (Packet, PushError)> {
-        OutChan::send(self, packet, wait)
+        self.conn.send_data(self.id, packet, &reset)
     }
 
     fn max_message(&self) -> usize {
-        OutChan::max_message(self)
+        self.conn.limits.max_message as usize
     }
 
     fn is_disconnected(&self) -> bool {
-        OutChan::is_disconnected(self)
+        self.reset.load(Ordering::Acquire) || self.conn.cannot_send()
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

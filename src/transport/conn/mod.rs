@@ -260,40 +260,6 @@ impl Conn {
         }
     }
 
-    /// Resets every inbound channel that feeds `inbox`: its last receiver is gone.
-    pub(crate) fn receiver_gone(&self, inbox: &Inbox) {
-        let gone: Vec<Arc<InChan>> = {
-            let mut t = self.lock_table();
-            let ids: Vec<u32> = t
-                .inbound
-                .iter()
-                .filter(|(_, c)| std::ptr::eq(Arc::as_ptr(&c.inbox), inbox))
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter()
-                .filter_map(|id| {
-                    t.reset_inbound.insert(*id);
-                    t.inbound.remove(id)
-                })
-                .collect()
-        };
-        let mut buf = Vec::new();
-        for c in &gone {
-            frame::encode_reset(
-                &mut buf,
-                c.id,
-                ResetReason::ReceiverGone,
-                "receiver dropped",
-            );
-        }
-        if !buf.is_empty() {
-            self.send_control(&buf);
-        }
-        for c in gone {
-            c.inbox.remove_feed(self, false);
-        }
-    }
-
     /// Forgets an outbound channel whose last sender is gone and tells the peer.
     pub(crate) fn close_outbound(&self, id: u32) {
         self.lock_table().outbound.remove(&id);
@@ -316,63 +282,12 @@ impl Conn {
         }
     }
 
-    /// Interrupts the thread blocked reading this session, so it re-checks its condition.
-    pub(crate) fn interrupt(&self) {
-        self.doorbell.ring();
-    }
-
     /// Refuses every channel the peer opened that was not accepted (the session handle is
     /// gone, so nobody can accept them any more).
     pub(crate) fn refuse_pending(&self) {
         let pending: Vec<_> = self.lock_table().accepts.drain(..).collect();
         // Dropping each receiver resets its channel (`receiver_gone`).
         drop(pending);
-    }
-
-    /// Reads the session on this thread until `cond` holds, the wait runs out, or the session
-    /// dies, if no other thread is reading it.
-    pub(crate) fn drive(&self, wait: Wait, cond: &dyn Fn() -> bool) -> Drive {
-        if self.is_dead() {
-            return Drive::Dead;
-        }
-        let mut seat = match self.reader.try_lock() {
-            Ok(seat) => seat,
-            Err(_) => {
-                let me = thread::current();
-                self.seat_waiters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(me);
-                // The reader may have left between the first try and the registration.
-                match self.reader.try_lock() {
-                    Ok(seat) => seat,
-                    Err(_) => return Drive::Busy,
-                }
-            }
-        };
-        while !cond() && !self.is_dead() {
-            if self.read_some(&mut seat) {
-                continue;
-            }
-            if wait.expired() {
-                break;
-            }
-            let timeout = match wait {
-                Wait::Until(t) => Some(t.saturating_duration_since(Instant::now())),
-                _ => None,
-            };
-            let want_write = !self.control_is_empty();
-            let bell = self.doorbell.as_fd();
-            match sys::poll_with_doorbell(self.sock.as_fd(), bell, want_write, timeout) {
-                Ok(Some(r)) if r.writable && want_write => self.try_flush_control(),
-                Ok(Some(_)) => {}
-                Ok(None) => self.doorbell.clear(),
-                Err(e) => self.fail(&format!("poll failed: {e}")),
-            }
-        }
-        drop(seat);
-        self.wake_seat_waiters();
-        Drive::Progress
     }
 
     fn wake_seat_waiters(&self) {
@@ -480,16 +395,89 @@ impl Conn {
 }
 
 impl Feed for Conn {
+    /// Reads the session on this thread until `cond` holds, the wait runs out, or the session
+    /// dies, if no other thread is reading it.
     fn drive(&self, wait: Wait, ready: &dyn Fn() -> bool) -> Drive {
-        Conn::drive(self, wait, ready)
+        if self.is_dead() {
+            return Drive::Dead;
+        }
+        let mut seat = match self.reader.try_lock() {
+            Ok(seat) => seat,
+            Err(_) => {
+                let me = thread::current();
+                self.seat_waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(me);
+                // The reader may have left between the first try and the registration.
+                match self.reader.try_lock() {
+                    Ok(seat) => seat,
+                    Err(_) => return Drive::Busy,
+                }
+            }
+        };
+        while !ready() && !self.is_dead() {
+            if self.read_some(&mut seat) {
+                continue;
+            }
+            if wait.expired() {
+                break;
+            }
+            let timeout = match wait {
+                Wait::Until(t) => Some(t.saturating_duration_since(Instant::now())),
+                _ => None,
+            };
+            let want_write = !self.control_is_empty();
+            let bell = self.doorbell.as_fd();
+            match sys::poll_with_doorbell(self.sock.as_fd(), bell, want_write, timeout) {
+                Ok(Some(r)) if r.writable && want_write => self.try_flush_control(),
+                Ok(Some(_)) => {}
+                Ok(None) => self.doorbell.clear(),
+                Err(e) => self.fail(&format!("poll failed: {e}")),
+            }
+        }
+        drop(seat);
+        self.wake_seat_waiters();
+        Drive::Progress
     }
 
+    /// Interrupts the thread blocked reading this session, so it re-checks its condition.
     fn interrupt(&self) {
-        Conn::interrupt(self);
+        self.doorbell.ring();
     }
 
+    /// Resets every inbound channel that feeds `inbox`: its last receiver is gone.
     fn receiver_gone(&self, inbox: &Inbox) {
-        Conn::receiver_gone(self, inbox);
+        let gone: Vec<Arc<InChan>> = {
+            let mut t = self.lock_table();
+            let ids: Vec<u32> = t
+                .inbound
+                .iter()
+                .filter(|(_, c)| std::ptr::eq(Arc::as_ptr(&c.inbox), inbox))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| {
+                    t.reset_inbound.insert(*id);
+                    t.inbound.remove(id)
+                })
+                .collect()
+        };
+        let mut buf = Vec::new();
+        for c in &gone {
+            frame::encode_reset(
+                &mut buf,
+                c.id,
+                ResetReason::ReceiverGone,
+                "receiver dropped",
+            );
+        }
+        if !buf.is_empty() {
+            self.send_control(&buf);
+        }
+        for c in gone {
+            c.inbox.remove_feed(self, false);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::channel::{PushError, Wait};
+use crate::channel::{Feed, PushError, Wait};
 use crate::sys;
 
 use super::{Conn, MAX_CONTROL_QUEUE};
