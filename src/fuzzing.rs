@@ -116,7 +116,7 @@ pub fn archive(data: &[u8]) {
     // Fuzzer input is unaligned; a session copies every payload into an aligned buffer too.
     let mut bytes = Bytes::with_capacity(data.len());
     bytes.extend_from_slice(data);
-    let Ok(valid) = Validated::<FuzzMessage>::new(bytes) else {
+    let Ok(valid) = Validated::<FuzzMessage>::new(message::Body::Owned(bytes)) else {
         return;
     };
     let m = valid.archived();
@@ -180,6 +180,9 @@ fn parse_body(header: &frame::Header, body: &[u8]) {
         }
         Kind::Ping | Kind::Pong => {
             let _ = frame::parse_ping(body);
+        }
+        Kind::Ring => {
+            let _ = frame::parse_ring(body);
         }
         Kind::Close | Kind::Credit => {}
     }
@@ -251,7 +254,10 @@ mod tests {
         for (name, bytes) in archive_seeds() {
             let mut aligned = Bytes::new();
             aligned.extend_from_slice(&bytes);
-            assert!(Validated::<FuzzMessage>::new(aligned).is_ok(), "{name}");
+            assert!(
+                Validated::<FuzzMessage>::new(message::Body::Owned(aligned)).is_ok(),
+                "{name}"
+            );
             archive(&bytes);
             let path = dir.join(name);
             if std::env::var_os("LIBCHAN_WRITE_SEEDS").is_some() {

@@ -22,7 +22,9 @@ pub use error::{
     TryRecvError, TrySendError,
 };
 pub use message::{fingerprint, ArchivedByteStream, ArchivedFd, ByteStream, Fd, Message};
-pub use transport::{connect, listen, Listener, Role, Session, Transport};
+pub use transport::{
+    connect, connect_with, listen, listen_with, Listener, Options, Role, Session, Transport,
+};
 
 /// Re-exported so that messages can derive rkyv's traits without a direct dependency.
 pub use rkyv;

@@ -54,10 +54,11 @@ pub fn copy<T: Message>(rx: &Receiver<T>, tx: &Sender<T>) -> Result<usize, CopyE
         if let Some(c) = &entry.credit {
             c.consumed(&entry.packet);
         }
-        if entry.packet.bytes.len() > tx.core.max_message() {
+        let packet = entry.into_packet();
+        if packet.bytes.len() > tx.core.max_message() {
             return Err(CopyError { copied });
         }
-        match tx.core.send(entry.packet, Wait::Forever) {
+        match tx.core.send(packet, Wait::Forever) {
             Ok(()) => copied += 1,
             Err(PushError::Disconnected | PushError::Full | PushError::Timeout) => {
                 return Err(CopyError { copied })

@@ -14,21 +14,54 @@
 //!   messages are dropped (closing their handles);
 //! - local senders never push past `cap` messages; session feeds are bounded by their credit
 //!   window instead, so they never block the thread that reads the socket.
+//!
+//! *Lanes* (shared-memory rings, one per sending process) are read without the lock: once an
+//! inbox has one, receivers poll the lanes first, then the queue, and sleep on the first lane's
+//! futex word, which every local event (a push, a close, the session ending) also rings.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
-use super::source::{CreditSink, Drive, Feed};
-use crate::message::Packet;
+use super::source::{CreditSink, Drive, Feed, Lane, LanePop};
+use crate::message::{Body, Lent, Packet};
+use crate::sys;
 
 /// One queued message and, when it came from a session, where to return its credit.
 pub(crate) struct Entry {
     pub(crate) packet: Packet,
     pub(crate) credit: Option<Arc<dyn CreditSink>>,
+    /// The message's bytes, when a ring lends them (`packet.bytes` is then empty).
+    pub(crate) lent: Option<Lent>,
 }
+
+impl Entry {
+    /// A message from a local sender.
+    pub(crate) fn local(packet: Packet) -> Self {
+        Self {
+            packet,
+            credit: None,
+            lent: None,
+        }
+    }
+
+    /// The message as a packet of its own (lent bytes are copied out), for forwarding.
+    pub(crate) fn into_packet(self) -> Packet {
+        let Entry {
+            mut packet, lent, ..
+        } = self;
+        if let Some(lent) = lent {
+            packet.bytes = Body::Lent(lent).into_owned();
+        }
+        packet
+    }
+}
+
+/// The longest a receiver sleeps on one lane's word while something else (another lane, a
+/// session it must read itself) could also bring a message.
+const LANE_POLL: Duration = Duration::from_millis(1);
 
 pub(crate) struct Inbox {
     state: Mutex<State>,
@@ -39,6 +72,10 @@ pub(crate) struct Inbox {
     /// Copy of `State::receivers`, so a sender sees a disconnect without the lock.
     open_receivers: AtomicUsize,
     cap: usize,
+    /// Shared-memory rings feeding this inbox, read without `state`'s lock.
+    lanes: RwLock<Vec<Arc<dyn Lane>>>,
+    /// `lanes` was ever non-empty: receivers take the lane path.
+    has_lanes: AtomicBool,
 }
 
 struct State {
@@ -122,6 +159,8 @@ impl Inbox {
             open_senders: AtomicUsize::new(0),
             open_receivers: AtomicUsize::new(1),
             cap: cap.max(1),
+            lanes: RwLock::new(Vec::new()),
+            has_lanes: AtomicBool::new(false),
         })
     }
 
@@ -148,7 +187,7 @@ impl Inbox {
             }
             std::mem::take(&mut s.recv_waiters)
         };
-        wake(waiters);
+        self.wake_all(waiters);
     }
 
     /// Records that a source of this inbox broke (its session died): once every sender is
@@ -182,6 +221,10 @@ impl Inbox {
         for (conn, _) in feeds {
             conn.receiver_gone(self);
         }
+        let lanes = std::mem::take(&mut *self.lanes.write().unwrap_or_else(|e| e.into_inner()));
+        for lane in lanes {
+            lane.discard();
+        }
         // Dropping the entries outside the lock: their handles may close channels that lead
         // back here. Their credit is still returned so a session's window stays honest.
         for e in dropped {
@@ -189,7 +232,7 @@ impl Inbox {
                 c.consumed(&e.packet);
             }
         }
-        wake(waiters);
+        self.wake_all(waiters);
     }
 
     /// True when nobody can receive any more: sends fail.
@@ -214,7 +257,7 @@ impl Inbox {
         // A receiver parked before this session fed us must start reading it.
         let waiters = std::mem::take(&mut s.recv_waiters);
         drop(s);
-        wake(waiters);
+        self.wake_all(waiters);
         true
     }
 
@@ -254,7 +297,7 @@ impl Inbox {
             self.len.store(s.queue.len(), Ordering::Release);
             std::mem::take(&mut s.recv_waiters)
         };
-        wake(waiters);
+        self.wake_all(waiters);
         Ok(())
     }
 
@@ -267,10 +310,7 @@ impl Inbox {
                 return Err(PushError::Disconnected);
             }
             if s.queue.len() < self.cap {
-                s.queue.push_back(Entry {
-                    packet,
-                    credit: None,
-                });
+                s.queue.push_back(Entry::local(packet));
                 // pairs with the Acquire load in `pop`'s spin loop.
                 self.len.store(s.queue.len(), Ordering::Release);
                 let waiter = s.recv_waiters.pop();
@@ -279,6 +319,7 @@ impl Inbox {
                 if let Some(t) = waiter {
                     t.unpark();
                 }
+                self.unpark_lanes();
                 if let Some(conn) = driving {
                     conn.interrupt();
                 }
@@ -316,6 +357,9 @@ impl Inbox {
         let mut spun = false;
         let mut polled = false;
         loop {
+            if self.has_lanes.load(Ordering::Acquire) {
+                return self.pop_lanes(wait);
+            }
             let feed = {
                 let mut s = self.lock();
                 if let Some(e) = s.queue.pop_front() {
@@ -373,13 +417,205 @@ impl Inbox {
             let me = thread::current();
             {
                 let mut s = self.lock();
-                if !s.queue.is_empty() || s.senders == 0 {
+                // A lane added since the top of the loop: `add_lane` sets the flag before it
+                // takes the lock to wake waiters, so under the lock one of us sees the other.
+                if !s.queue.is_empty() || s.senders == 0 || self.has_lanes.load(Ordering::Acquire) {
                     continue;
                 }
                 s.recv_waiters.push(me.clone());
             }
             wait.park();
             self.lock().recv_waiters.retain(|t| t.id() != me.id());
+        }
+    }
+
+    /// Adds a ring that feeds this inbox. Returns false (and drops nothing) when the last
+    /// receiver is gone.
+    pub(crate) fn add_lane(&self, lane: Arc<dyn Lane>) -> bool {
+        if self.open_receivers.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.lanes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(lane);
+        self.has_lanes.store(true, Ordering::Release);
+        // A receiver parked the lane-less way must start polling the lane.
+        let waiters = std::mem::take(&mut self.lock().recv_waiters);
+        self.wake_all(waiters);
+        true
+    }
+
+    /// Unparks `waiters` and any receiver asleep on a lane's word.
+    fn wake_all(&self, waiters: Vec<Thread>) {
+        wake(waiters);
+        self.unpark_lanes();
+    }
+
+    fn unpark_lanes(&self) {
+        if self.has_lanes.load(Ordering::Acquire) {
+            for lane in self.lanes.read().unwrap_or_else(|e| e.into_inner()).iter() {
+                lane.unpark();
+            }
+        }
+    }
+
+    /// Takes a message from some lane, dropping the lanes that finished.
+    ///
+    /// With several lanes, one sending thread may have used several of them (a `Sender` sent
+    /// over the session more than once); the lanes' sequence numbers then say which message it
+    /// sent first. Anything committed before the first message found is visible to a second
+    /// look, which is why there are two.
+    fn poll_lanes(&self) -> Option<Entry> {
+        let mut finished = false;
+        let mut taken = None;
+        {
+            let lanes = self.lanes.read().unwrap_or_else(|e| e.into_inner());
+            if lanes.len() == 1 {
+                match lanes[0].try_pop() {
+                    LanePop::Entry(e) => taken = Some(e),
+                    LanePop::Empty => {}
+                    LanePop::Done => finished = true,
+                }
+            } else if let Some((session, _)) = lanes.iter().find_map(|l| l.order()) {
+                let first = lanes
+                    .iter()
+                    .filter_map(|l| match l.order() {
+                        Some((s, seq)) if s == session => Some((seq, l)),
+                        _ => None,
+                    })
+                    .min_by_key(|(seq, _)| *seq);
+                if let Some((_, lane)) = first {
+                    match lane.try_pop() {
+                        LanePop::Entry(e) => taken = Some(e),
+                        LanePop::Empty => {}
+                        LanePop::Done => finished = true,
+                    }
+                }
+            } else {
+                // Nothing seen: notice finished lanes (or take what arrived meanwhile).
+                for l in lanes.iter() {
+                    match l.try_pop() {
+                        LanePop::Entry(e) => {
+                            taken = Some(e);
+                            break;
+                        }
+                        LanePop::Empty => {}
+                        LanePop::Done => finished = true,
+                    }
+                }
+            }
+        }
+        if finished {
+            let gone: Vec<Arc<dyn Lane>> = {
+                let mut lanes = self.lanes.write().unwrap_or_else(|e| e.into_inner());
+                let (done, live) = std::mem::take(&mut *lanes)
+                    .into_iter()
+                    .partition(|l| l.finished());
+                *lanes = live;
+                done
+            };
+            // Dropped outside the lock: the last reference unmaps the ring.
+            drop(gone);
+        }
+        taken
+    }
+
+    fn lanes_ready(&self) -> bool {
+        self.lanes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| l.ready())
+    }
+
+    /// `pop` for an inbox fed by rings: lanes first, without the lock, then the queue.
+    fn pop_lanes(&self, wait: Wait) -> Result<Entry, PopError> {
+        let mut spun = false;
+        loop {
+            if let Some(e) = self.poll_lanes() {
+                return Ok(e);
+            }
+            let feed = {
+                let mut s = self.lock();
+                if let Some(e) = s.queue.pop_front() {
+                    self.len.store(s.queue.len(), Ordering::Relaxed);
+                    let waiter = s.send_waiters.pop();
+                    drop(s);
+                    if let Some(t) = waiter {
+                        t.unpark();
+                    }
+                    return Ok(e);
+                }
+                if s.senders == 0 {
+                    let broken = s.broken;
+                    drop(s);
+                    // What a ring's sender committed before it closed is still there: the close
+                    // reached us after it (through the session's socket).
+                    if let Some(e) = self.poll_lanes() {
+                        return Ok(e);
+                    }
+                    return Err(if broken {
+                        PopError::Disconnected
+                    } else {
+                        PopError::Closed
+                    });
+                }
+                if wait.expired() {
+                    return Err(if matches!(wait, Wait::No) {
+                        PopError::Empty
+                    } else {
+                        PopError::Timeout
+                    });
+                }
+                s.feeds
+                    .iter()
+                    .find(|(f, _)| !f.self_driven())
+                    .map(|(f, _)| f.clone())
+            };
+            if let Some(f) = &feed {
+                // A session nobody else reads: read what it has, without blocking on it.
+                f.drive(Wait::No, &|| true);
+            }
+            let ready = || {
+                self.lanes_ready()
+                    || self.len.load(Ordering::Acquire) != 0
+                    || self.open_senders.load(Ordering::Acquire) == 0
+            };
+            if !spun {
+                spun = true;
+                spin_until(ready);
+                continue;
+            }
+            let lanes: Vec<Arc<dyn Lane>> =
+                self.lanes.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let Some(first) = lanes.first() else {
+                // Every lane finished: wait the lane-less way.
+                let me = thread::current();
+                {
+                    let mut s = self.lock();
+                    if !s.queue.is_empty() || s.senders == 0 {
+                        continue;
+                    }
+                    s.recv_waiters.push(me.clone());
+                }
+                wait.park();
+                self.lock().recv_waiters.retain(|t| t.id() != me.id());
+                continue;
+            };
+            let word = first.park_prepare();
+            if !ready() {
+                let mut timeout = match wait {
+                    Wait::Until(t) => Some(t.saturating_duration_since(Instant::now())),
+                    _ => None,
+                };
+                if lanes.len() > 1 || feed.is_some() {
+                    timeout = Some(timeout.map_or(LANE_POLL, |t| t.min(LANE_POLL)));
+                }
+                // Any outcome (woken, changed, interrupted, timed out) re-checks the loop.
+                let _ = sys::futex_wait(word, 1, timeout);
+            }
+            first.park_done();
         }
     }
 

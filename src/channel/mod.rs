@@ -17,7 +17,7 @@ pub(crate) use handle::{Handle, RecvCore, SendCore};
 pub(crate) use inbox::{Entry, Inbox, PopError, PushError, Wait};
 pub use receiver::{ArchivedReceiver, Msg, Receiver};
 pub use sender::{ArchivedSender, Sender};
-pub(crate) use source::{CreditSink, Drive, Feed, Outlet};
+pub(crate) use source::{CreditSink, Drive, Feed, Lane, LanePop, Outlet};
 
 use crate::message::Message;
 

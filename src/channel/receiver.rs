@@ -12,7 +12,7 @@ use rkyv::{Archive, Deserialize, Place, Serialize};
 use super::handle::{Handle, RecvCore};
 use super::inbox::{Entry, PopError, Wait};
 use crate::error::{InvalidMessage, RecvError, RecvTimeoutError, TakeError, TryRecvError};
-use crate::message::{self, fingerprint, ArchivedHandle, HandleIndex, Message, Validated};
+use crate::message::{self, fingerprint, ArchivedHandle, Body, HandleIndex, Message, Validated};
 
 /// The receiving end of a channel.
 ///
@@ -144,11 +144,19 @@ impl<T: Message> Receiver<T> {
 
 impl<T: Message> Msg<T> {
     pub(crate) fn from_entry(entry: Entry) -> Result<Self, InvalidMessage> {
-        let Entry { packet, credit } = entry;
+        let Entry {
+            packet,
+            credit,
+            lent,
+        } = entry;
         if let Some(c) = credit {
             c.consumed(&packet);
         }
-        let archive = Validated::new(packet.bytes)?;
+        let body = match lent {
+            Some(lent) => Body::Lent(lent),
+            None => Body::Owned(packet.bytes),
+        };
+        let archive = Validated::new(body)?;
         Ok(Self {
             archive,
             handles: Mutex::new(packet.handles.into_iter().map(Some).collect()),

@@ -7,8 +7,9 @@
 //! message crosses into a session.
 
 use std::any::Any;
+use std::sync::atomic::AtomicU32;
 
-use super::inbox::{Inbox, PushError, Wait};
+use super::inbox::{Entry, Inbox, PushError, Wait};
 use crate::message::Packet;
 
 /// What a call to [`Feed::drive`] did.
@@ -35,6 +36,55 @@ pub(crate) trait Feed: Send + Sync {
 
     /// The last receiver of `inbox` is gone: reset the session's channels that feed it.
     fn receiver_gone(&self, inbox: &Inbox);
+
+    /// True when the session reads its socket on a thread of its own, so waiting receivers
+    /// need not drive it.
+    fn self_driven(&self) -> bool {
+        false
+    }
+}
+
+/// What [`Lane::try_pop`] found.
+pub(crate) enum LanePop {
+    /// The next message.
+    Entry(Entry),
+    /// Nothing now.
+    Empty,
+    /// Nothing ever again: the sender closed (or the session ended) and everything was read.
+    Done,
+}
+
+/// A stream of messages an inbox reads without its lock, waiting on a futex word when idle: a
+/// shared-memory ring from one sending process.
+pub(crate) trait Lane: Send + Sync {
+    /// Takes the next message, if there is one.
+    fn try_pop(&self) -> LanePop;
+
+    /// Cheap check: `try_pop` would not return `Empty` (it may still, spuriously).
+    fn ready(&self) -> bool;
+
+    /// `try_pop` returned `Done`: the lane can be dropped.
+    fn finished(&self) -> bool;
+
+    /// Nobody will receive any more: drop what waits (closing its handles) and finish.
+    fn discard(&self);
+
+    /// Where the next message stands in its sender's order: the sending session, and the
+    /// message's number in it; `None` when there is no next message yet. Lanes of one session
+    /// deliver in number order.
+    fn order(&self) -> Option<(usize, u64)>;
+
+    /// Announces that the consumer is about to sleep, and returns the word to sleep on while it
+    /// holds 1. The caller re-checks [`ready`](Self::ready) before sleeping and calls
+    /// [`park_done`](Self::park_done) after.
+    fn park_prepare(&self) -> &AtomicU32;
+
+    /// The consumer is awake again.
+    fn park_done(&self);
+
+    /// Wakes a consumer sleeping on this lane's word (a local event: a message from another
+    /// sender, a close, the session ending).
+    fn unpark(&self);
 }
 
 /// The sending half of a channel on a session.

@@ -18,6 +18,7 @@ mod stream;
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::rancor;
@@ -147,15 +148,107 @@ pub(crate) fn encode<T: Message>(
     }
 }
 
+/// Whoever lent the bytes of a [`Lent`] (a shared-memory ring), to be told when they come back.
+pub(crate) trait Lender: Send + Sync {
+    /// The bytes lent under `token` are no longer read.
+    fn give_back(&self, token: u64);
+}
+
+/// Message bytes read in place where they arrived (a ring slot), handed back to their
+/// [`Lender`] on drop.
+pub(crate) struct Lent {
+    ptr: *const u8,
+    len: usize,
+    token: u64,
+    lender: Arc<dyn Lender>,
+}
+
+// SAFETY: a `Lent` is a read-only view of bytes that its lender keeps valid and unchanged until
+// `give_back` (see `Lent::new`); reading them from any thread is sound, and `give_back` is
+// callable from any thread (`Lender: Send + Sync`).
+unsafe impl Send for Lent {}
+// SAFETY: as for `Send`: shared access only reads.
+unsafe impl Sync for Lent {}
+
+impl Lent {
+    /// Bytes `ptr..ptr + len`, lent under `token`.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` is 16-byte aligned and valid for reads of `len` bytes, and those bytes do not
+    /// change, until `lender.give_back(token)` is called (by this value's drop).
+    pub(crate) unsafe fn new(
+        ptr: *const u8,
+        len: usize,
+        token: u64,
+        lender: Arc<dyn Lender>,
+    ) -> Self {
+        Self {
+            ptr,
+            len,
+            token,
+            lender,
+        }
+    }
+}
+
+impl std::ops::Deref for Lent {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `new`'s contract: valid, unchanging bytes until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.lender.give_back(self.token);
+    }
+}
+
+/// The bytes of a received message: owned, or lent by the ring they arrived in.
+pub(crate) enum Body {
+    /// A buffer of our own.
+    Owned(Bytes),
+    /// Read in place in shared memory.
+    Lent(Lent),
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Body::Owned(b) => b,
+            Body::Lent(l) => l,
+        }
+    }
+}
+
+impl Body {
+    /// The bytes in a buffer of our own (a copy when lent).
+    pub(crate) fn into_owned(self) -> Bytes {
+        match self {
+            Body::Owned(b) => b,
+            Body::Lent(l) => {
+                let mut b = Bytes::with_capacity(l.len());
+                b.extend_from_slice(&l);
+                b
+            }
+        }
+    }
+}
+
 /// A validated archive of a `T`, ready to be read in place.
 pub(crate) struct Validated<T: Message> {
-    bytes: Bytes,
+    bytes: Body,
     _t: PhantomData<fn() -> T>,
 }
 
 impl<T: Message> Validated<T> {
     /// Checks `bytes` as an archive of `T`.
-    pub(crate) fn new(bytes: Bytes) -> Result<Self, InvalidMessage> {
+    pub(crate) fn new(bytes: Body) -> Result<Self, InvalidMessage> {
         if let Err(e) = T::check(&bytes) {
             return Err(InvalidMessage::new(format!(
                 "archive of {} failed validation: {e}",
@@ -297,7 +390,7 @@ mod tests {
         };
         let packet = encode(&p, 1 << 20, 0).unwrap();
         assert!(packet.handles.is_empty());
-        let v = Validated::<Point>::new(packet.bytes).unwrap();
+        let v = Validated::<Point>::new(Body::Owned(packet.bytes)).unwrap();
         assert_eq!(v.archived().x, -7);
         assert_eq!(v.archived().name, "héllo");
         let back: Point = decode(v.archived(), &mut Vec::new()).unwrap();
@@ -336,8 +429,8 @@ mod tests {
         bad.extend_from_slice(&p.bytes);
         bad[at] = 0xc3;
         bad[at + 1] = 0x28;
-        assert!(Validated::<Point>::new(p.bytes).is_ok());
-        assert!(Validated::<Point>::new(bad).is_err());
+        assert!(Validated::<Point>::new(Body::Owned(p.bytes)).is_ok());
+        assert!(Validated::<Point>::new(Body::Owned(bad)).is_err());
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub(crate) enum Kind {
     Pong = 7,
     /// The writer is closing the session; `arg` is a [`GoAwayReason`].
     GoAway = 8,
+    /// Shared-memory sessions only: from now on the writer sends `chan`'s messages through the
+    /// ring in the one memfd this frame carries; body: `u64` ring capacity in bytes.
+    Ring = 9,
 }
 
 impl Kind {
@@ -66,6 +69,7 @@ impl Kind {
             6 => Self::Ping,
             7 => Self::Pong,
             8 => Self::GoAway,
+            9 => Self::Ring,
             _ => return None,
         })
     }
@@ -142,7 +146,7 @@ impl Header {
         let kind = Kind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind(kind_byte))?;
 
         let len_ok = match kind {
-            Kind::Open | Kind::Ping | Kind::Pong => len == 8,
+            Kind::Open | Kind::Ping | Kind::Pong | Kind::Ring => len == 8,
             Kind::Close | Kind::Credit => len == 0,
             Kind::Reset | Kind::GoAway => len as usize <= MAX_TEXT,
             // `arg <= MAX_HANDLES` is checked below, so this cannot overflow.
@@ -156,6 +160,23 @@ impl Header {
         }
         if (chan != 0) != kind.is_channel_frame() {
             return Err(DecodeError::BadChannel { kind, chan });
+        }
+        if kind == Kind::Ring {
+            // Exactly the ring's memfd, and no handle count.
+            if nfds != 1 || arg != 0 {
+                return Err(DecodeError::FdCountMismatch {
+                    nfds,
+                    handles: arg as u16,
+                });
+            }
+            return Ok(Self {
+                len,
+                kind,
+                flags,
+                nfds,
+                chan,
+                arg,
+            });
         }
         if nfds != 0 && kind != Kind::Data {
             return Err(DecodeError::FdsOnNonData { kind, nfds });
@@ -381,6 +402,15 @@ pub(crate) fn parse_ping(body: &[u8]) -> Result<u64, DecodeError> {
     exact_u64(Kind::Ping, body)
 }
 
+/// The ring capacity in a RING body.
+///
+/// # Errors
+///
+/// [`DecodeError::BadBodyLength`] unless the body is exactly 8 bytes.
+pub(crate) fn parse_ring(body: &[u8]) -> Result<u64, DecodeError> {
+    exact_u64(Kind::Ring, body)
+}
+
 /// Splits a DATA body into its validated handle descriptors and the archive payload.
 ///
 /// # Errors
@@ -490,6 +520,15 @@ pub(crate) fn encode_data(
 pub(crate) fn encode_open(out: &mut Vec<u8>, chan: u32, fingerprint: u64) {
     out.extend_from_slice(&Header::new(Kind::Open, chan, 0, 8).encode());
     out.extend_from_slice(&fingerprint.to_le_bytes());
+}
+
+/// Appends a RING frame for `chan` announcing a ring of `capacity` data bytes (the memfd goes
+/// with the write, as its one fd).
+pub(crate) fn encode_ring(out: &mut Vec<u8>, chan: u32, capacity: u64) {
+    let mut h = Header::new(Kind::Ring, chan, 0, 8);
+    h.nfds = 1;
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&capacity.to_le_bytes());
 }
 
 /// Appends a CLOSE frame for `chan`.
@@ -754,8 +793,8 @@ mod tests {
         let mut bytes = Header::new(Kind::Open, 1, 0, 8).encode();
         bytes[4] = 0;
         assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(0)));
-        bytes[4] = 9;
-        assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(9)));
+        bytes[4] = 10;
+        assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(10)));
 
         for (kind, len) in [
             (Kind::Open, 7),

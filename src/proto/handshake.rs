@@ -44,6 +44,19 @@ impl Features {
     pub(crate) const NONE: Self = Self(0);
     /// Bit 0: this side can send and receive file descriptors.
     pub(crate) const FDS: Self = Self(1);
+    /// Bit 1: this side can move messages through shared-memory rings (RING frames). Announced
+    /// only to a peer of the same uid on the same host, over a unix socket.
+    pub(crate) const SHM: Self = Self(2);
+
+    /// Both sets together.
+    pub(crate) fn with(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
+    /// This set less `other`.
+    pub(crate) fn without(self, other: Self) -> Self {
+        Self(self.0 & !other.0)
+    }
 
     /// The features with wire bitmask `bits` (unknown bits are kept, and dropped by `&`
     /// with our own announcement).

@@ -1,11 +1,12 @@
 //! The two halves of a session channel in this process: `InChan` (we receive) and `OutChan`
 //! (we send), with their credit accounting, and the relay used when a handle must be proxied.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::{self, Thread};
 
 use super::conn::Conn;
+use super::shm::{RingIn, RingOut, RingWriteError, TAG_MESSAGE, TAG_ON_SOCKET};
 use crate::channel::{
     CreditSink, Drive, Feed, Inbox, Outlet, PopError, PushError, RecvCore, SendCore, Wait,
 };
@@ -19,6 +20,8 @@ pub(crate) struct InChan {
     pub(crate) id: u32,
     pub(crate) inbox: Arc<Inbox>,
     window: Mutex<RecvWindow>,
+    /// The sender's ring, once its RING frame arrived (shared-memory sessions).
+    pub(crate) ring: OnceLock<Arc<RingIn>>,
 }
 
 impl InChan {
@@ -31,6 +34,7 @@ impl InChan {
                 conn.limits.local_window,
                 conn.limits.max_frame,
             )),
+            ring: OnceLock::new(),
         })
     }
 
@@ -69,6 +73,29 @@ pub(crate) struct OutChan {
     credit: Mutex<SendCredit>,
     reset: AtomicBool,
     waiters: Mutex<Vec<Thread>>,
+    /// The channel's ring on a shared-memory session (made on the first send).
+    ring: Mutex<RingState>,
+    /// The ring's "producer parked" word, for waking a sender when the channel ends. Points
+    /// into the mapping `ring` owns, which lives as long as `self`.
+    room_word: AtomicPtr<AtomicU32>,
+}
+
+/// What [`OutChan::send_shm`] did.
+enum ShmSend {
+    /// Sent through the ring, or failed.
+    Done(Result<(), PushError>),
+    /// Credit taken and a tag written: the frame goes on the socket now.
+    Tagged,
+    /// No ring: the socket carries the message, as on any session.
+    NoRing,
+}
+
+enum RingState {
+    /// Not made yet: nothing was sent.
+    Unset,
+    Ready(RingOut),
+    /// No shared memory on this session, or making the ring failed: the socket carries all.
+    Unavailable,
 }
 
 impl OutChan {
@@ -80,6 +107,8 @@ impl OutChan {
             credit: Mutex::new(credit),
             reset: AtomicBool::new(false),
             waiters: Mutex::new(Vec::new()),
+            ring: Mutex::new(RingState::Unset),
+            room_word: AtomicPtr::new(std::ptr::null_mut()),
         })
     }
 
@@ -118,16 +147,70 @@ impl OutChan {
         for t in waiters {
             t.unpark();
         }
+        let word = self.room_word.load(Ordering::Acquire);
+        if !word.is_null() {
+            // SAFETY: set from the ring this `OutChan` owns (see the field), never cleared.
+            let word = unsafe { &*word };
+            word.store(0, Ordering::Relaxed);
+            let _ = crate::sys::futex_wake(word, u32::MAX);
+        }
     }
-}
 
-impl Outlet for OutChan {
-    /// Sends one message, waiting for credit as `wait` allows.
-    fn send(&self, packet: Packet, wait: Wait) -> Result<(), PushError> {
+    /// Sends over the channel's ring when the session has shared memory; `None` when the
+    /// socket must carry this channel.
+    fn send_shm(&self, packet: &Packet, wait: Wait) -> ShmSend {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if let RingState::Unset = *ring {
+            *ring = self.make_ring();
+        }
+        let RingState::Ready(out) = &mut *ring else {
+            return ShmSend::NoRing;
+        };
+        let stop = || self.is_disconnected();
+        let seq = self.conn.next_seq();
+        let write = |out: &mut RingOut, tag, bytes: &[u8], wait| match out
+            .write(tag, seq, bytes, wait, &stop)
+        {
+            Ok(()) => Ok(()),
+            Err(RingWriteError::Push(e)) => Err(e),
+            Err(RingWriteError::Corrupt(c)) => {
+                self.conn.fail(&format!("peer broke a channel's ring: {c}"));
+                Err(PushError::Disconnected)
+            }
+        };
+        if packet.handles.is_empty() && out.fits(packet.bytes.len()) {
+            return ShmSend::Done(write(out, TAG_MESSAGE, &packet.bytes, wait));
+        }
+        // Handles or a large archive: the message goes on the socket, and a tag in the ring
+        // keeps its place. Credit first, so that once the tag is written the frame follows.
         let cost = data_cost(packet.handles.len() * 16 + packet.bytes.len());
-        // Take in what the peer already sent (credit, a reset) so that a dropped receiver
-        // fails this send rather than a later one.
-        self.conn.poll_input();
+        if let Err(e) = self.take_credit(cost, wait) {
+            return ShmSend::Done(Err(e));
+        }
+        if let Err(e) = write(out, TAG_ON_SOCKET, &[], wait) {
+            self.grant(cost.min(u64::from(u32::MAX)) as u32);
+            return ShmSend::Done(Err(e));
+        }
+        ShmSend::Tagged
+    }
+
+    fn make_ring(&self) -> RingState {
+        if !self.conn.shm() {
+            return RingState::Unavailable;
+        }
+        let Ok((out, fd)) = RingOut::create() else {
+            return RingState::Unavailable;
+        };
+        if self.conn.send_ring(self.id, fd).is_err() {
+            return RingState::Unavailable;
+        }
+        let word: *const AtomicU32 = out.room_word();
+        self.room_word.store(word.cast_mut(), Ordering::Release);
+        RingState::Ready(out)
+    }
+
+    /// Waits for `cost` bytes of the peer's credit as `wait` allows.
+    fn take_credit(&self, cost: u64, wait: Wait) -> Result<(), PushError> {
         loop {
             if self.is_disconnected() {
                 return Err(PushError::Disconnected);
@@ -157,9 +240,9 @@ impl Outlet for OutChan {
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|t| t.id() != me.id());
         }
-        // `send` may block in the write below (the peer is reading, or will be when it next
-        // waits on the session); `try_send` and `send_timeout` must not, so they first wait,
-        // within their deadline, for the socket to take bytes.
+        // `send` may block in the write that follows (the peer is reading, or will be when it
+        // next waits on the session); `try_send` and `send_timeout` must not, so they first
+        // wait, within their deadline, for the socket to take bytes.
         if !matches!(wait, Wait::Forever) && !self.conn.wait_writable_until(wait) {
             self.grant(cost.min(u64::from(u32::MAX)) as u32);
             let e = if matches!(wait, Wait::No) {
@@ -169,6 +252,32 @@ impl Outlet for OutChan {
             };
             return Err(e);
         }
+        Ok(())
+    }
+}
+
+impl Outlet for OutChan {
+    /// Sends one message: through the channel's ring when the session has shared memory,
+    /// otherwise as a DATA frame, waiting for credit as `wait` allows.
+    fn send(&self, packet: Packet, wait: Wait) -> Result<(), PushError> {
+        if self.conn.shm() {
+            // A tag and its frame need not pair up exactly between concurrent senders: every
+            // frame's tag is in the ring before the frame is written, so each sender's own
+            // messages still arrive in order.
+            match self.send_shm(&packet, wait) {
+                ShmSend::Done(result) => return result,
+                ShmSend::Tagged => {
+                    let reset = || self.reset.load(Ordering::Acquire);
+                    return self.conn.send_data(self.id, packet, &reset);
+                }
+                ShmSend::NoRing => {}
+            }
+        }
+        let cost = data_cost(packet.handles.len() * 16 + packet.bytes.len());
+        // Take in what the peer already sent (credit, a reset) so that a dropped receiver
+        // fails this send rather than a later one.
+        self.conn.poll_input();
+        self.take_credit(cost, wait)?;
         let reset = || self.reset.load(Ordering::Acquire);
         self.conn.send_data(self.id, packet, &reset)
     }
@@ -205,7 +314,7 @@ pub(crate) fn spawn_proxy(rx: RecvCore, tx: SendCore) {
                     if let Some(c) = &entry.credit {
                         c.consumed(&entry.packet);
                     }
-                    if tx.send(entry.packet, Wait::Forever).is_err() {
+                    if tx.send(entry.into_packet(), Wait::Forever).is_err() {
                         return;
                     }
                 }

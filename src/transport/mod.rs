@@ -7,9 +7,14 @@
 //! |----------------|----------------------------------------------|
 //! | `unix:PATH`    | unix stream socket at a filesystem path       |
 //! | `unix:@NAME`   | unix stream socket in the abstract namespace  |
+//!
+//! Between two processes of the same uid, a unix session moves its messages through shared
+//! memory (`shm`, see [`shm`]) unless [`Options::shm`] turns it off; the socket then carries
+//! control only.
 
 mod chan;
 mod conn;
+mod shm;
 
 use std::fmt;
 use std::os::linux::net::SocketAddrExt;
@@ -24,7 +29,48 @@ use crate::channel::{Receiver, SendCore, Sender, Wait};
 use crate::error::Error;
 use crate::message::{fingerprint, Message};
 use crate::proto::frame::ResetReason;
-use crate::proto::handshake::Limits;
+use crate::proto::handshake::{Features, Limits};
+
+/// How sessions are set up.
+///
+/// ```
+/// // Keep a same-host session on the socket (no shared memory):
+/// let opts = libchan::Options::new().shm(false);
+/// let (a, _b) = libchan::Session::pair_with(&opts).unwrap();
+/// assert_eq!(a.transport(), libchan::Transport::Unix);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Options {
+    shm: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { shm: true }
+    }
+}
+
+impl Options {
+    /// The defaults: shared memory with same-uid peers on this host.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a unix session may move messages through shared memory (both sides must allow
+    /// it, and the peer must have this process's uid). On by default.
+    pub fn shm(mut self, on: bool) -> Self {
+        self.shm = on;
+        self
+    }
+
+    fn limits(&self) -> Limits {
+        let mut l = Limits::default();
+        if self.shm {
+            l.features = l.features.with(Features::SHM);
+        }
+        l
+    }
+}
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,12 +81,16 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Transport {
     /// A unix stream socket carrying frames, with fds passed by SCM_RIGHTS.
     Unix,
+    /// Shared memory: a ring per channel in memfds both processes map, with a unix socket for
+    /// control and fds. Chosen automatically between processes of the same uid.
+    Shm,
 }
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Transport::Unix => f.write_str("unix"),
+            Transport::Shm => f.write_str("shm"),
         }
     }
 }
@@ -74,6 +124,7 @@ pub struct Session {
 pub struct Listener {
     inner: UnixListener,
     path: Option<PathBuf>,
+    opts: Options,
 }
 
 /// Listens on `addr` (`unix:PATH` or `unix:@NAME`).
@@ -95,12 +146,23 @@ pub struct Listener {
 ///
 /// [`Error::Address`] for an address libchan cannot serve, [`Error::Io`] when binding fails.
 pub fn listen(addr: &str) -> Result<Listener, Error> {
+    listen_with(addr, &Options::default())
+}
+
+/// [`listen`] with [`Options`] for the sessions it accepts.
+///
+/// # Errors
+///
+/// As [`listen`].
+pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
+    let opts = opts.clone();
     match parse(addr)? {
         Addr::Path(path) => {
             let inner = UnixListener::bind(&path)?;
             Ok(Listener {
                 inner,
                 path: Some(path),
+                opts,
             })
         }
         Addr::Abstract(name) => {
@@ -108,6 +170,7 @@ pub fn listen(addr: &str) -> Result<Listener, Error> {
             Ok(Listener {
                 inner: UnixListener::bind_addr(&a)?,
                 path: None,
+                opts,
             })
         }
     }
@@ -120,13 +183,22 @@ pub fn listen(addr: &str) -> Result<Listener, Error> {
 /// [`Error::Address`] for an address libchan cannot reach, [`Error::Io`] when nothing listens
 /// there, [`Error::Handshake`] when the peer is not a compatible libchan.
 pub fn connect(addr: &str) -> Result<Session, Error> {
+    connect_with(addr, &Options::default())
+}
+
+/// [`connect`] with [`Options`].
+///
+/// # Errors
+///
+/// As [`connect`].
+pub fn connect_with(addr: &str, opts: &Options) -> Result<Session, Error> {
     let stream = match parse(addr)? {
         Addr::Path(path) => UnixStream::connect(path)?,
         Addr::Abstract(name) => {
             UnixStream::connect_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?
         }
     };
-    Session::from_unix_stream(stream, Role::Connector)
+    Session::from_unix_stream_with(stream, Role::Connector, opts)
 }
 
 impl Listener {
@@ -138,7 +210,7 @@ impl Listener {
     /// compatible libchan (the listener stays usable).
     pub fn accept(&self) -> Result<Session, Error> {
         let (stream, _) = self.inner.accept()?;
-        Session::from_unix_stream(stream, Role::Acceptor)
+        Session::from_unix_stream_with(stream, Role::Acceptor, &self.opts)
     }
 }
 
@@ -158,7 +230,16 @@ impl Session {
     ///
     /// Fails when the system is out of descriptors.
     pub fn pair() -> Result<(Session, Session), Error> {
-        let (a, b) = conn::pair(Limits::default())?;
+        Self::pair_with(&Options::default())
+    }
+
+    /// [`Session::pair`] with [`Options`] (both ends use them).
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::pair`].
+    pub fn pair_with(opts: &Options) -> Result<(Session, Session), Error> {
+        let (a, b) = conn::pair(opts.limits())?;
         Ok((Session { conn: a }, Session { conn: b }))
     }
 
@@ -170,10 +251,23 @@ impl Session {
     /// [`Error::Handshake`] when the peer is not a compatible libchan or does not answer in
     /// ten seconds.
     pub fn from_unix_stream(stream: UnixStream, role: Role) -> Result<Session, Error> {
+        Self::from_unix_stream_with(stream, role, &Options::default())
+    }
+
+    /// [`Session::from_unix_stream`] with [`Options`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::from_unix_stream`].
+    pub fn from_unix_stream_with(
+        stream: UnixStream,
+        role: Role,
+        opts: &Options,
+    ) -> Result<Session, Error> {
         let conn = Conn::establish(
             stream,
             role == Role::Connector,
-            Limits::default(),
+            opts.limits(),
             HANDSHAKE_TIMEOUT,
         )?;
         Ok(Session { conn })
@@ -231,7 +325,11 @@ impl Session {
 
     /// The transport this session runs on.
     pub fn transport(&self) -> Transport {
-        Transport::Unix
+        if self.conn.shm() {
+            Transport::Shm
+        } else {
+            Transport::Unix
+        }
     }
 
     /// True once the session broke or was closed.

@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use libchan::{Message, Msg, Receiver, RecvTimeoutError, Role, Sender, Session};
+use libchan::{Message, Msg, Options, Receiver, RecvTimeoutError, Role, Sender, Session};
 
 /// How long any single wait in a case may take before the case fails as hung.
 pub const PATIENCE: Duration = Duration::from_secs(5);
@@ -125,22 +125,44 @@ impl Transport for MemT {
     }
 }
 
-/// Unix stream sessions: a `Session::pair` in this process.
-pub struct UnixT {
+/// Sessions over a `Session::pair` in this process: on the socket alone (`SHM = false`, the
+/// `unix` transport) or with shared-memory rings (`SHM = true`, the `shm` transport).
+pub struct SessionT<const SHM: bool> {
     /// Opens the channels of `channel()` (the connector).
     a: Arc<Session>,
     /// Accepts them (the acceptor).
     b: Arc<Session>,
 }
 
-impl Transport for UnixT {
+/// The unix transport: frames on the socket.
+pub type UnixT = SessionT<false>;
+/// The shm transport: rings in shared memory, the socket for control.
+pub type ShmT = SessionT<true>;
+
+/// A session pair of the transport `SHM` selects.
+fn pair<const SHM: bool>() -> (Session, Session) {
+    let (a, b) = Session::pair_with(&Options::new().shm(SHM)).expect("Session::pair");
+    let want = if SHM {
+        libchan::Transport::Shm
+    } else {
+        libchan::Transport::Unix
+    };
+    assert_eq!((a.transport(), b.transport()), (want, want));
+    (a, b)
+}
+
+impl<const SHM: bool> Transport for SessionT<SHM> {
     fn name() -> &'static str {
-        "unix"
+        if SHM {
+            "shm"
+        } else {
+            "unix"
+        }
     }
 
     fn new() -> Self {
-        let (a, b) = Session::pair().expect("Session::pair");
-        UnixT {
+        let (a, b) = pair::<SHM>();
+        SessionT {
             a: Arc::new(a),
             b: Arc::new(b),
         }
@@ -157,7 +179,7 @@ impl Transport for UnixT {
     }
 
     fn late_channel<T: Message>(&self) -> (Sender<T>, LateReceiver<T>) {
-        let (a, b) = Session::pair().expect("Session::pair");
+        let (a, b) = pair::<SHM>();
         let tx = a.open_channel::<T>().expect("open_channel");
         (
             tx,
@@ -174,7 +196,7 @@ impl Transport for UnixT {
     }
 
     fn channel_alone<T: Message>() -> (Sender<T>, Receiver<T>) {
-        let (a, b) = Session::pair().expect("Session::pair");
+        let (a, b) = pair::<SHM>();
         let tx = a.open_channel::<T>().expect("open_channel");
         let rx = b
             .accept_channel_timeout::<T>(PATIENCE)
@@ -208,7 +230,9 @@ impl Transport for UnixT {
         let (mut raw, theirs) = UnixStream::pair().expect("socketpair");
         // Our hello first: the handshake then completes without a second thread.
         raw.write_all(&crate::wire::hello()).expect("write hello");
-        let session = Session::from_unix_stream(theirs, Role::Acceptor).expect("handshake");
+        let opts = Options::new().shm(SHM);
+        let session =
+            Session::from_unix_stream_with(theirs, Role::Acceptor, &opts).expect("handshake");
         let mut peer_hello = [0u8; 32];
         raw.set_read_timeout(Some(PATIENCE)).expect("timeout");
         raw.read_exact(&mut peer_hello).expect("read hello");

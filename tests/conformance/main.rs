@@ -77,3 +77,4 @@ macro_rules! conformance {
 
 conformance!(mem, crate::harness::MemT);
 conformance!(unix, crate::harness::UnixT);
+conformance!(shm, crate::harness::ShmT);

@@ -6,12 +6,15 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use super::super::chan::{InChan, OutChan};
+use super::super::shm::{RingIn, RING_CAPACITY};
 use crate::channel::{CreditSink, Entry, Handle, Inbox, RecvCore, SendCore, DEFAULT_CAPACITY};
 use crate::message::{Bytes, Packet};
 use crate::proto::credit::data_cost;
 use crate::proto::decoder::Frame;
 use crate::proto::frame::{self, GoAwayReason, HandleKind, Kind};
 use crate::proto::{id_is_peers, DecodeError};
+use crate::ring::shm::ShmRegion;
+use crate::ring::spsc::region_len;
 use crate::sys;
 
 use super::{Conn, Table};
@@ -94,10 +97,14 @@ impl Conn {
                     }
                 };
                 if let Some(c) = c {
+                    if let Some(ring) = c.ring.get() {
+                        ring.mark_closed();
+                    }
                     c.inbox.remove_feed(self, false);
                 }
                 Ok(())
             }
+            Kind::Ring => self.dispatch_ring(header.chan, body, fds),
             Kind::Reset => {
                 frame::parse_reset(&header, body)?;
                 if let Some(o) = self.outbound(header.chan) {
@@ -205,13 +212,56 @@ impl Conn {
         let entry = Entry {
             packet: Packet { bytes, handles },
             credit: Some(inchan.clone()),
+            lent: None,
         };
-        let refused = inchan.inbox.push_from_feed(entry).err();
+        let refused = match inchan.ring.get() {
+            // The ring holds this message's place: it waits there.
+            Some(ring) => ring.push_socket(entry).err(),
+            None => inchan.inbox.push_from_feed(entry).err(),
+        };
         drop(t);
         if let Some(entry) = refused {
             // Nobody receives any more: return the credit and close the handles.
             inchan.consumed(&entry.packet);
         }
+        Ok(())
+    }
+
+    /// A RING frame: from now on the peer sends `chan`'s messages through the ring in `fds`.
+    fn dispatch_ring(&self, chan: u32, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), Violation> {
+        if !self.shm() {
+            return Err("RING frame on a session without shared memory".into());
+        }
+        let capacity = frame::parse_ring(body)?;
+        if capacity != RING_CAPACITY as u64 {
+            return Err(
+                format!("RING frame with capacity {capacity}, expected {RING_CAPACITY}").into(),
+            );
+        }
+        let this = self.arc()?;
+        let inchan = {
+            let t = self.lock_table();
+            if t.reset_inbound.contains(&chan) {
+                // We already refused the channel: its ring is not needed.
+                return Ok(());
+            }
+            t.inbound
+                .get(&chan)
+                .cloned()
+                .ok_or_else(|| Violation::from(format!("RING frame on unknown channel {chan}")))?
+        };
+        let fd = fds
+            .into_iter()
+            .next()
+            .ok_or("RING frame without its memfd")?;
+        let region = ShmRegion::map(fd.as_fd(), region_len(RING_CAPACITY))
+            .map_err(|e| Violation::from(format!("cannot map a channel's ring: {e}")))?;
+        let ring = RingIn::attach(&this, region)
+            .map_err(|e| Violation::from(format!("bad ring on channel {chan}: {e}")))?;
+        if inchan.ring.set(ring.clone()).is_err() {
+            return Err(format!("second RING frame on channel {chan}").into());
+        }
+        inchan.inbox.add_lane(ring);
         Ok(())
     }
 

@@ -29,7 +29,7 @@ use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use super::chan::{InChan, OutChan};
-use crate::channel::{Drive, Feed, Inbox, RecvCore, Wait};
+use crate::channel::{Drive, Feed, Inbox, PushError, RecvCore, Wait};
 use crate::error::Error;
 use crate::proto::decoder::Decoder;
 use crate::proto::frame::{self, GoAwayReason, ResetReason};
@@ -60,6 +60,12 @@ pub(crate) struct Conn {
     /// Writing failed (the peer closed): nothing more can be sent, but what the peer sent
     /// before it closed is still read and delivered.
     write_broken: AtomicBool,
+    /// Both sides negotiated shared memory: channels move their messages through rings, and a
+    /// thread of the session's own reads the socket.
+    shm: bool,
+    /// Numbers every message sent through a ring, so a receiver reading several rings of this
+    /// session keeps one thread's messages in order.
+    send_seq: std::sync::atomic::AtomicU64,
 }
 
 struct Reader {
@@ -93,6 +99,13 @@ impl Conn {
         stream.set_nonblocking(true)?;
         let sock = OwnedFd::from(stream);
         let deadline = Instant::now() + timeout;
+        let peer_uid = sys::peer_uid(sock.as_fd()).ok();
+        let mut local = local;
+        if peer_uid != Some(rustix::process::getuid().as_raw()) {
+            // Shared memory only with a peer of our own uid: it is trusted to follow the ring
+            // protocol (see docs/SECURITY.md).
+            local.features = local.features.without(Features::SHM);
+        }
         let mut hs = Handshake::new(local);
         let hello = hs
             .poll_transmit()
@@ -134,9 +147,9 @@ impl Conn {
             }
         }
         let limits = hs.poll_outcome().expect("checked by the loop above");
-        let peer_uid = sys::peer_uid(sock.as_fd()).ok();
         let doorbell = sys::Doorbell::new()?;
-        Ok(Arc::new_cyclic(|me| Conn {
+        let shm = limits.features.contains(Features::SHM);
+        let conn = Arc::new_cyclic(|me| Conn {
             me: me.clone(),
             sock,
             we_connected,
@@ -163,7 +176,30 @@ impl Conn {
             flushing: AtomicBool::new(false),
             doorbell,
             write_broken: AtomicBool::new(false),
-        }))
+            shm,
+            send_seq: std::sync::atomic::AtomicU64::new(0),
+        });
+        if shm {
+            spawn_control_reader(&conn)?;
+        }
+        Ok(conn)
+    }
+
+    /// The next message sequence number (see `send_seq`).
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.send_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether this session moves messages through shared-memory rings.
+    pub(crate) fn shm(&self) -> bool {
+        self.shm
+    }
+
+    /// Hands the peer the memfd of channel `id`'s ring (a RING frame).
+    pub(crate) fn send_ring(self: &Arc<Self>, id: u32, fd: OwnedFd) -> Result<(), PushError> {
+        let mut buf = Vec::with_capacity(24);
+        frame::encode_ring(&mut buf, id, super::shm::RING_CAPACITY as u64);
+        self.write_frame(&[&buf], &[fd.as_fd()], &|| false)
     }
 
     pub(crate) fn is_dead(&self) -> bool {
@@ -272,7 +308,7 @@ impl Conn {
 
     /// Dispatches whatever the socket holds now, if no other thread is reading. Never blocks.
     pub(crate) fn poll_input(&self) {
-        if self.is_dead() {
+        if self.is_dead() || self.shm {
             return;
         }
         if let Ok(mut seat) = self.reader.try_lock() {
@@ -315,6 +351,11 @@ impl Conn {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                // The peer died with bytes of ours unread: an end, not a broken rule.
+                self.fail("peer closed the connection (reset)");
+                return true;
+            }
             Err(e) => {
                 self.protocol_error(format!("receive failed: {e}").into());
                 return true;
@@ -384,6 +425,9 @@ impl Conn {
             (inbound, outbound, std::mem::take(&mut t.accept_waiters))
         };
         for c in inbound {
+            if let Some(ring) = c.ring.get() {
+                ring.mark_dead();
+            }
             c.inbox.remove_feed(self, true);
         }
         for o in outbound {
@@ -400,6 +444,11 @@ impl Feed for Conn {
     fn drive(&self, wait: Wait, ready: &dyn Fn() -> bool) -> Drive {
         if self.is_dead() {
             return Drive::Dead;
+        }
+        if self.shm && !CONTROL_READER.get() {
+            // Only the session's own thread reads a shared-memory session: a receiver waits on
+            // its ring, which a socket reader would never notice.
+            return Drive::Busy;
         }
         let mut seat = match self.reader.try_lock() {
             Ok(seat) => seat,
@@ -444,6 +493,10 @@ impl Feed for Conn {
     /// Interrupts the thread blocked reading this session, so it re-checks its condition.
     fn interrupt(&self) {
         self.doorbell.ring();
+    }
+
+    fn self_driven(&self) -> bool {
+        self.shm
     }
 
     /// Resets every inbound channel that feeds `inbox`: its last receiver is gone.
@@ -517,6 +570,39 @@ fn wait_ready(sock: &OwnedFd, read: bool, deadline: Instant) -> Result<(), Error
         return Err(Error::Timeout);
     }
     sys::poll(sock.as_fd(), read, !read, Some(left))?;
+    Ok(())
+}
+
+/// How long the control reader blocks at a time: it lets go of the session between reads, so
+/// the session can drop (and the thread end) within this long of its last user.
+const CONTROL_POLL: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// This thread is a shared-memory session's control reader.
+    static CONTROL_READER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Starts the thread that reads a shared-memory session's socket. Messages go through rings;
+/// the socket carries control (opens, closes, credit, fds), which nobody waits on from a ring,
+/// and the end of the session, which this thread turns into wake-ups for every waiter.
+fn spawn_control_reader(conn: &Arc<Conn>) -> Result<(), Error> {
+    let weak = Arc::downgrade(conn);
+    thread::Builder::new()
+        .name("libchan-shm-control".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            CONTROL_READER.set(true);
+            loop {
+                let Some(conn) = weak.upgrade() else {
+                    return;
+                };
+                if conn.is_dead() {
+                    return;
+                }
+                let until = Wait::Until(Instant::now() + CONTROL_POLL);
+                conn.drive(until, &|| false);
+            }
+        })?;
     Ok(())
 }
 

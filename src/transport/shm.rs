@@ -1,0 +1,443 @@
+//! The shared-memory data path of a session: one ring per channel, in a memfd both sides map.
+//!
+//! A session between two processes of the same uid on one host negotiates the `SHM` feature.
+//! Its socket then carries only control: OPEN, CLOSE, RESET, credit, the RING frame that hands
+//! over a channel's memfd, and the few messages that cannot go through a ring (those carrying
+//! handles, and those larger than a ring's share). Every other message is written by the
+//! sending thread straight into the channel's ring, and read in place by the receiving thread:
+//! no syscall, no copy on the way in, no thread in between.
+//!
+//! - [`RingOut`] is the sending side (`OutChan` creates it on the channel's first send and
+//!   sends its memfd in a RING frame before anything else on that channel).
+//! - [`RingIn`] is the receiving side: a [`Lane`] of the channel's inbox. A message it hands out
+//!   borrows its slot (a [`Lent`]); the slot goes back to the sender when the `Msg` drops, in
+//!   any order ([`RingIn::give_back`] sweeps the records done so far).
+//!
+//! Each ring record starts with a 16-byte tag (so the archive behind it stays 16-byte aligned)
+//! holding a kind and the session's send sequence number; the number orders the messages that
+//! reach one inbox through several rings of one session (a `Sender` sent over several times),
+//! so that what one thread sends arrives in the order it sent it. The kind is
+//! [`TAG_MESSAGE`] (an archive follows) or [`TAG_ON_SOCKET`] (this channel's next message comes
+//! on the socket, as a DATA frame). The socket's DATA frames for a ring channel wait in the
+//! ring's own queue until their tag is reached, so per-channel order holds across both paths.
+//!
+//! Waiting: a receiver spins, then sleeps on the ring's "consumer parked" futex word, which the
+//! sender wakes only when it is set. A sender facing a full ring does the same on the "producer
+//! parked" word. The session's control thread wakes both words when the session ends.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
+
+use super::conn::Conn;
+use crate::channel::{Entry, Lane, LanePop, PushError, Wait};
+use crate::message::{Bytes, Lender, Lent, Packet};
+use crate::ring::shm::ShmRegion;
+use crate::ring::spsc::{region_len, Consumer, Producer, Record};
+use crate::ring::Corrupt;
+use crate::sys::{futex_wait, futex_wake};
+
+/// Data bytes of each channel's ring. Pages are touched only as the ring cycles through them.
+pub(crate) const RING_CAPACITY: usize = 1 << 20;
+
+/// Length of the tag in front of each record's payload.
+const TAG_LEN: usize = 16;
+/// The record holds one message archive.
+pub(crate) const TAG_MESSAGE: u32 = 1;
+/// The channel's next message travels on the socket.
+pub(crate) const TAG_ON_SOCKET: u32 = 2;
+
+/// The longest one futex sleep lasts before the sleeper re-checks on its own: a bound on how
+/// long a missed wake-up (which the protocol rules out) could cost, and how a dead peer is seen
+/// even if the wake from the control thread were lost.
+const MAX_SLEEP: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The sending side of a channel's ring.
+pub(crate) struct RingOut {
+    prod: Producer<ShmRegion>,
+}
+
+impl RingOut {
+    /// Creates a ring in a new memfd; returns it and the memfd to send to the peer.
+    pub(crate) fn create() -> std::io::Result<(RingOut, std::os::fd::OwnedFd)> {
+        let (region, fd) = ShmRegion::create(region_len(RING_CAPACITY))?;
+        // SAFETY: the region was created just above; nobody else has attached a producer.
+        let prod = unsafe { Producer::attach(region) }
+            .map_err(|c| std::io::Error::other(c.to_string()))?;
+        Ok((RingOut { prod }, fd))
+    }
+
+    /// Whether a message of `len` bytes fits one record.
+    pub(crate) fn fits(&self, len: usize) -> bool {
+        len + TAG_LEN <= self.prod.max_len()
+    }
+
+    /// Writes one record (tag, then `bytes`), waiting for room as `wait` allows; `stop` says
+    /// the channel or session ended while waiting.
+    pub(crate) fn write(
+        &mut self,
+        tag: u32,
+        seq: u64,
+        bytes: &[u8],
+        wait: Wait,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), RingWriteError> {
+        let len = TAG_LEN + bytes.len();
+        let mut spun = false;
+        loop {
+            if stop() {
+                return Err(RingWriteError::Push(PushError::Disconnected));
+            }
+            let committed = match self.prod.reserve(len) {
+                Ok(Some(mut grant)) => {
+                    let mut head = [0u8; TAG_LEN];
+                    head[..4].copy_from_slice(&tag.to_le_bytes());
+                    head[8..].copy_from_slice(&seq.to_le_bytes());
+                    grant.write_at(0, &head);
+                    grant.write_at(TAG_LEN, bytes);
+                    grant.commit();
+                    true
+                }
+                Ok(None) => false,
+                Err(c) => return Err(RingWriteError::Corrupt(c)),
+            };
+            if committed {
+                self.wake_consumer();
+                return Ok(());
+            }
+            if wait.expired() {
+                let e = if matches!(wait, Wait::No) {
+                    PushError::Full
+                } else {
+                    PushError::Timeout
+                };
+                return Err(RingWriteError::Push(e));
+            }
+            if !spun {
+                spun = true;
+                let start = Instant::now();
+                // An error shows up in `reserve` next round.
+                while start.elapsed() < SPIN && !self.prod.has_room(len).unwrap_or(true) && !stop()
+                {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            self.prod.park_prepare();
+            if !self.prod.has_room(len).unwrap_or(true) && !stop() {
+                let _ = futex_wait(self.prod.room_word(), 1, sleep_for(wait));
+            }
+            self.prod.park_done();
+        }
+    }
+
+    /// Wakes the receiver if it sleeps: once for however many records it missed.
+    fn wake_consumer(&self) {
+        if let Some(word) = self.prod.wake_needed() {
+            let _ = futex_wake(word, 1);
+        }
+    }
+
+    /// The word a sender sleeps on while the ring is full, to wake it when the session ends.
+    pub(crate) fn room_word(&self) -> &AtomicU32 {
+        self.prod.room_word()
+    }
+}
+
+/// Why [`RingOut::write`] failed.
+pub(crate) enum RingWriteError {
+    Push(PushError),
+    Corrupt(Corrupt),
+}
+
+/// How long a receiver or sender busy-waits before it sleeps.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(10);
+
+fn sleep_for(wait: Wait) -> Option<std::time::Duration> {
+    Some(match wait {
+        Wait::Until(t) => t.saturating_duration_since(Instant::now()).min(MAX_SLEEP),
+        _ => MAX_SLEEP,
+    })
+}
+
+/// The sequence number in a record's tag (0 for a record too short to have one, which
+/// `try_pop` reports as corrupt).
+fn tag_seq(bytes: &[u8]) -> u64 {
+    bytes
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// The receiving side of a channel's ring: a lane of the channel's inbox.
+pub(crate) struct RingIn {
+    me: Weak<RingIn>,
+    conn: Weak<Conn>,
+    /// Identifies the session, whose sequence numbers are comparable with each other.
+    session: usize,
+    state: Mutex<InState>,
+    /// The ring's "consumer parked" word. Points into the mapping `state` keeps alive.
+    word: *const AtomicU32,
+    /// The sender closed the channel (CLOSE arrived after everything it wrote).
+    closed: AtomicBool,
+    /// The session ended.
+    dead: AtomicBool,
+    finished: AtomicBool,
+}
+
+// SAFETY: `word` points into the shared mapping owned by `state`'s consumer, which lives as long
+// as `self`; it is only used for atomic operations, which are thread-safe. Everything else is
+// `Send + Sync` on its own.
+unsafe impl Send for RingIn {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for RingIn {}
+
+struct InState {
+    cons: Consumer<ShmRegion>,
+    /// Records handed out or skipped, oldest first, with whether they are done.
+    outstanding: VecDeque<(Record, bool)>,
+    /// Tags read that promise a message on the socket, not yet delivered.
+    on_socket: usize,
+    /// Sequence number of the oldest of those.
+    on_socket_seq: VecDeque<u64>,
+    /// DATA frames that arrived on the socket for this channel, in order.
+    socket: VecDeque<Entry>,
+}
+
+impl RingIn {
+    /// Attaches to the ring in `region`, received from the peer for channel `conn`.
+    pub(crate) fn attach(conn: &Arc<Conn>, region: ShmRegion) -> Result<Arc<RingIn>, Corrupt> {
+        // SAFETY: this process attaches exactly one consumer per RING frame, and the peer's
+        // protocol attaches none (it produces); a peer that breaks this only hurts its own ring.
+        let cons = unsafe { Consumer::attach(region) }?;
+        let word: *const AtomicU32 = cons.data_word();
+        Ok(Arc::new_cyclic(|me| RingIn {
+            me: me.clone(),
+            conn: Arc::downgrade(conn),
+            session: Arc::as_ptr(conn) as usize,
+            state: Mutex::new(InState {
+                cons,
+                outstanding: VecDeque::new(),
+                on_socket: 0,
+                on_socket_seq: VecDeque::new(),
+                socket: VecDeque::new(),
+            }),
+            word,
+            closed: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, InState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn word(&self) -> &AtomicU32 {
+        // SAFETY: see the field: the mapping lives as long as `self`.
+        unsafe { &*self.word }
+    }
+
+    /// A DATA frame for this channel arrived on the socket. Returns it when nobody receives
+    /// any more.
+    pub(crate) fn push_socket(&self, entry: Entry) -> Result<(), Entry> {
+        if self.finished.load(Ordering::Acquire) {
+            return Err(entry);
+        }
+        self.lock().socket.push_back(entry);
+        self.unpark();
+        Ok(())
+    }
+
+    /// The sender closed the channel.
+    pub(crate) fn mark_closed(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.unpark();
+    }
+
+    /// The session ended: deliver what was committed, then finish.
+    pub(crate) fn mark_dead(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.unpark();
+    }
+
+    fn corrupt(&self, c: Corrupt) {
+        self.dead.store(true, Ordering::Release);
+        if let Some(conn) = self.conn.upgrade() {
+            conn.fail(&format!("peer broke a channel's ring: {c}"));
+        }
+    }
+
+    /// Releases every leading record that is done, and wakes a sender waiting for room.
+    fn sweep(st: &mut InState) {
+        let mut last = None;
+        while let Some(&(rec, true)) = st.outstanding.front() {
+            last = Some(rec);
+            st.outstanding.pop_front();
+        }
+        if let Some(rec) = last {
+            st.cons.release_through(rec);
+            if let Some(word) = st.cons.wake_needed() {
+                let _ = futex_wake(word, 1);
+            }
+        }
+    }
+}
+
+impl Lender for RingIn {
+    fn give_back(&self, token: u64) {
+        let mut st = self.lock();
+        if let Some(slot) = st.outstanding.iter_mut().find(|(r, _)| r.pos() == token) {
+            slot.1 = true;
+        }
+        Self::sweep(&mut st);
+    }
+}
+
+impl Lane for RingIn {
+    fn try_pop(&self) -> LanePop {
+        if self.finished.load(Ordering::Acquire) {
+            return LanePop::Done;
+        }
+        // Read the flags before the ring: a close or death seen here was sent after every
+        // record it covers, so an empty ring below really is the end.
+        let closed = self.closed.load(Ordering::Acquire) || self.dead.load(Ordering::Acquire);
+        let mut st = self.lock();
+        loop {
+            if st.on_socket > 0 {
+                if let Some(e) = st.socket.pop_front() {
+                    st.on_socket -= 1;
+                    st.on_socket_seq.pop_front();
+                    return LanePop::Entry(e);
+                }
+                if closed {
+                    // The promised message never came: the session ended.
+                    break;
+                }
+                return LanePop::Empty;
+            }
+            let rec = match st.cons.peek() {
+                Ok(Some(rec)) => rec,
+                Ok(None) => {
+                    if closed {
+                        break;
+                    }
+                    return LanePop::Empty;
+                }
+                Err(c) => {
+                    drop(st);
+                    self.corrupt(c);
+                    self.finished.store(true, Ordering::Release);
+                    return LanePop::Done;
+                }
+            };
+            st.cons.consume(rec);
+            // SAFETY: the producer is a same-uid libchan peer (the SHM feature is only
+            // negotiated with one), trusted to follow the ring protocol.
+            let bytes = unsafe { st.cons.bytes(rec) };
+            let tag = bytes
+                .first_chunk::<4>()
+                .map(|t| u32::from_le_bytes(*t))
+                .filter(|_| bytes.len() >= TAG_LEN);
+            match tag {
+                Some(TAG_MESSAGE) => {
+                    let ptr = bytes[TAG_LEN..].as_ptr();
+                    let len = bytes.len() - TAG_LEN;
+                    st.outstanding.push_back((rec, false));
+                    drop(st);
+                    let lender: Arc<dyn Lender> =
+                        self.me.upgrade().expect("a lane in use is alive");
+                    // SAFETY: the payload starts 16 bytes into a 16-byte aligned record, and
+                    // stays unchanged until released, which only `give_back(rec.pos())` does.
+                    let lent = unsafe { Lent::new(ptr, len, rec.pos(), lender) };
+                    return LanePop::Entry(Entry {
+                        packet: Packet {
+                            bytes: Bytes::new(),
+                            handles: Vec::new(),
+                        },
+                        credit: None,
+                        lent: Some(lent),
+                    });
+                }
+                Some(TAG_ON_SOCKET) => {
+                    let seq = tag_seq(bytes);
+                    st.outstanding.push_back((rec, true));
+                    Self::sweep(&mut st);
+                    st.on_socket += 1;
+                    st.on_socket_seq.push_back(seq);
+                }
+                _ => {
+                    drop(st);
+                    self.corrupt(Corrupt::new("unknown record tag"));
+                    self.finished.store(true, Ordering::Release);
+                    return LanePop::Done;
+                }
+            }
+        }
+        self.finished.store(true, Ordering::Release);
+        LanePop::Done
+    }
+
+    fn ready(&self) -> bool {
+        if self.closed.load(Ordering::Relaxed) || self.dead.load(Ordering::Relaxed) {
+            return true;
+        }
+        match self.state.try_lock() {
+            Ok(mut st) => {
+                (st.on_socket > 0 && !st.socket.is_empty())
+                    || (st.on_socket == 0 && !matches!(st.cons.peek(), Ok(None)))
+            }
+            Err(_) => true,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    fn order(&self) -> Option<(usize, u64)> {
+        let mut st = self.lock();
+        if let Some(&seq) = st.on_socket_seq.front() {
+            return Some((self.session, seq));
+        }
+        let rec = st.cons.peek().ok()??;
+        // SAFETY: as in `try_pop`: a trusted same-uid producer.
+        let bytes = unsafe { st.cons.bytes(rec) };
+        Some((self.session, tag_seq(bytes)))
+    }
+
+    fn discard(&self) {
+        self.finished.store(true, Ordering::Release);
+        let dropped = std::mem::take(&mut self.lock().socket);
+        for e in dropped {
+            if let Some(c) = &e.credit {
+                c.consumed(&e.packet);
+            }
+        }
+    }
+
+    fn park_prepare(&self) -> &AtomicU32 {
+        let word = self.word();
+        // Relaxed store, then the SeqCst fence: pairs with the fence in the producer's
+        // `wake_needed` (and in `unpark`), so either the waker sees 1 or we see its data.
+        word.store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        word
+    }
+
+    fn park_done(&self) {
+        self.word().store(0, Ordering::Relaxed);
+    }
+
+    fn unpark(&self) {
+        let word = self.word();
+        // SeqCst fence: pairs with the one in `park_prepare` (the event this wakes for was
+        // published before it).
+        fence(Ordering::SeqCst);
+        if word.load(Ordering::Relaxed) != 0 {
+            word.store(0, Ordering::Relaxed);
+            let _ = futex_wake(word, 1);
+        }
+    }
+}
