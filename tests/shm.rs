@@ -1,0 +1,319 @@
+//! The shared-memory transport between real processes: upgrade, opt-out, a peer's death, no
+//! leaks, and more busy processes than cores.
+//!
+//! The test binary re-executes itself as the peer (`LIBCHAN_SHM_CHILD` names its role,
+//! `LIBCHAN_SHM_ADDR` the address to connect to); `child_entry` is a no-op in the parent run.
+//! Every child is killed and reaped when its test ends, and exits on its own after a while.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use libchan::{Options, RecvTimeoutError, SendTimeoutError, Sender, Transport};
+
+/// A child gives up after this long whatever it is doing.
+const CHILD_WATCHDOG: Duration = Duration::from_secs(30);
+
+/// Tests that count fds, mappings or threads must not overlap with the others.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn fresh_addr() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "unix:@libchan-shm-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Child processes, killed and reaped on drop.
+struct Kids(Vec<Child>);
+
+impl Kids {
+    fn spawn(role: &str, addr: &str, n: usize) -> Kids {
+        let exe = std::env::current_exe().expect("path of the test binary");
+        Kids(
+            (0..n)
+                .map(|_| {
+                    Command::new(&exe)
+                        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+                        .env("LIBCHAN_SHM_CHILD", role)
+                        .env("LIBCHAN_SHM_ADDR", addr)
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::inherit())
+                        .spawn()
+                        .expect("spawn the child")
+                })
+                .collect(),
+        )
+    }
+
+    fn kill_all(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+    }
+}
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `body` on a thread; fails the test if it takes longer than `limit`.
+fn with_timeout<T: Send + 'static>(
+    limit: Duration,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (done, wait) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        let out = body();
+        let _ = done.send(());
+        out
+    });
+    match wait.recv_timeout(limit) {
+        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+            worker.join().expect("test body panicked")
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test body hung for more than {limit:?}"),
+    }
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
+}
+
+/// Mappings of libchan ring memfds in this process.
+fn ring_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .expect("/proc/self/maps")
+        .lines()
+        .filter(|l| l.contains("libchan-ring"))
+        .count()
+}
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .count()
+}
+
+/// Polls `f` until it returns true or `limit` passes; returns whether it did.
+fn eventually(limit: Duration, f: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// A same-uid session between two processes runs on shared memory, and `Options::shm(false)`
+/// keeps it on the socket; both carry messages.
+#[test]
+fn same_uid_upgrades_and_opt_out_stays_on_the_socket() {
+    let _g = serial();
+    for (shm, want) in [(true, Transport::Shm), (false, Transport::Unix)] {
+        let addr = fresh_addr();
+        let listener = libchan::listen_with(&addr, &Options::new().shm(shm)).unwrap();
+        let _kids = Kids::spawn("echo", &addr, 1);
+        with_timeout(Duration::from_secs(20), move || {
+            let session = listener.accept().unwrap();
+            assert_eq!(session.transport(), want);
+            let tx = session.open_channel::<Sender<u64>>().unwrap();
+            let (reply_tx, reply_rx) = libchan::pipe::<u64>();
+            tx.send(reply_tx).unwrap();
+            let got = reply_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            // The child reports the transport it saw: 1 for shm, 0 for unix.
+            assert_eq!(*got, u64::from(want == Transport::Shm));
+        });
+    }
+}
+
+/// SIGKILL of the peer wakes a blocked `recv`, a `send` blocked on a full ring and a blocked
+/// `accept_channel` with `Disconnected` within 100 ms; afterwards this process holds exactly
+/// the fds, ring mappings and threads it held before the session.
+#[test]
+fn sigkill_wakes_every_blocked_call_and_leaks_nothing() {
+    let _g = serial();
+    let fds = fd_count();
+    let maps = ring_mappings();
+    let threads = thread_count();
+    let addr = fresh_addr();
+    let listener = libchan::listen(&addr).unwrap();
+    let mut kids = Kids::spawn("victim", &addr, 1);
+    let (session, when, blocked) = with_timeout(Duration::from_secs(20), move || {
+        let session = listener.accept().unwrap();
+        assert_eq!(session.transport(), Transport::Shm);
+        // The child opens one channel and sends one message, then never reads or sends again.
+        let rx = session
+            .accept_channel_timeout::<u64>(Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(*rx.recv_timeout(Duration::from_secs(10)).unwrap(), 7);
+        // A channel to the child that it never reads: fill its ring.
+        let tx = session.open_channel::<Vec<u8>>().unwrap();
+        let mut filled = 0;
+        loop {
+            match tx.send_timeout(vec![1u8; 4096], Duration::from_millis(100)) {
+                Ok(()) => filled += 1,
+                Err(SendTimeoutError::Timeout(_)) => break,
+                Err(e) => panic!("filling: {e:?}"),
+            }
+            assert!(filled < 10_000, "the ring never fills");
+        }
+        // One ring each way is mapped here (what the leak check below must see go).
+        assert!(ring_mappings() >= 2, "rings mapped: {}", ring_mappings());
+        let session = std::sync::Arc::new(session);
+        let (at, when) = mpsc::channel::<(&'static str, Instant)>();
+        let mut blocked = Vec::new();
+        let a = at.clone();
+        blocked.push(thread::spawn(move || {
+            let r = rx.recv_timeout(Duration::from_secs(10));
+            assert_eq!(r.err(), Some(RecvTimeoutError::Disconnected));
+            a.send(("recv", Instant::now())).unwrap();
+        }));
+        let a = at.clone();
+        blocked.push(thread::spawn(move || {
+            let r = tx.send_timeout(vec![2u8; 4096], Duration::from_secs(10));
+            assert!(matches!(r, Err(SendTimeoutError::Disconnected(_))), "{r:?}");
+            a.send(("send", Instant::now())).unwrap();
+        }));
+        let s = session.clone();
+        blocked.push(thread::spawn(move || {
+            let r = s.accept_channel_timeout::<u64>(Duration::from_secs(10));
+            assert!(matches!(r, Err(libchan::Error::Disconnected)), "{r:?}");
+            at.send(("accept", Instant::now())).unwrap();
+        }));
+        thread::sleep(Duration::from_millis(100));
+        (session, when, blocked)
+    });
+    let killed = Instant::now();
+    kids.kill_all();
+    let mut worst = Duration::ZERO;
+    for _ in 0..3 {
+        let (what, t) = when
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a blocked call woke");
+        let d = t.saturating_duration_since(killed);
+        eprintln!("{what} woke {d:?} after SIGKILL");
+        worst = worst.max(d);
+    }
+    for b in blocked {
+        b.join().expect("a blocked call panicked");
+    }
+    assert!(
+        worst < Duration::from_millis(100),
+        "slowest wake-up took {worst:?}"
+    );
+    assert!(session.is_closed());
+    drop(session);
+    drop(kids);
+    // The session's control thread ends within its poll interval once nothing uses it. (Other
+    // tests' harness threads may come and go meanwhile, so threads must not exceed the count
+    // from before the session.)
+    assert!(
+        eventually(Duration::from_secs(2), || fd_count() == fds
+            && ring_mappings() == maps
+            && thread_count() <= threads),
+        "leak: fds {fds} -> {}, ring mappings {maps} -> {}, threads {threads} -> {}",
+        fd_count(),
+        ring_mappings(),
+        thread_count()
+    );
+}
+
+/// Four processes ping-pong with this one over shared memory on a two-core machine: more busy
+/// processes than cores, so waiting must back off instead of spinning the others out.
+#[test]
+fn four_processes_on_two_cores_stay_live() {
+    const KIDS: usize = 4;
+    const ROUNDS: u64 = 2000;
+    let _g = serial();
+    let addr = fresh_addr();
+    let listener = libchan::listen(&addr).unwrap();
+    let _kids = Kids::spawn("pinger", &addr, KIDS);
+    let total = with_timeout(Duration::from_secs(60), move || {
+        let mut workers = Vec::new();
+        for _ in 0..KIDS {
+            let session = listener.accept().unwrap();
+            assert_eq!(session.transport(), Transport::Shm);
+            workers.push(thread::spawn(move || {
+                let rx = session
+                    .accept_channel_timeout::<u64>(Duration::from_secs(10))
+                    .unwrap();
+                let tx = session.open_channel::<u64>().unwrap();
+                let mut n = 0;
+                for m in rx.iter() {
+                    tx.send(*m + 1).unwrap();
+                    n += 1;
+                }
+                n
+            }));
+        }
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker"))
+            .sum::<u64>()
+    });
+    assert_eq!(total, KIDS as u64 * ROUNDS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The child side
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn child_entry() {
+    let Ok(role) = std::env::var("LIBCHAN_SHM_CHILD") else {
+        return;
+    };
+    let addr = std::env::var("LIBCHAN_SHM_ADDR").expect("LIBCHAN_SHM_ADDR");
+    thread::spawn(|| {
+        thread::sleep(CHILD_WATCHDOG);
+        std::process::exit(3);
+    });
+    match role.as_str() {
+        "echo" => {
+            let session = libchan::connect(&addr).unwrap();
+            let rx = session.accept_channel::<Sender<u64>>().unwrap();
+            let m = rx.recv().unwrap();
+            let reply = m.take(&*m).unwrap();
+            reply
+                .send(u64::from(session.transport() == Transport::Shm))
+                .unwrap();
+            // Stay until the parent has read the answer and closed.
+            let _ = rx.recv();
+        }
+        "victim" => {
+            let session = libchan::connect(&addr).unwrap();
+            let tx = session.open_channel::<u64>().unwrap();
+            tx.send(7).unwrap();
+            thread::sleep(CHILD_WATCHDOG);
+        }
+        "pinger" => {
+            let session = libchan::connect(&addr).unwrap();
+            let tx = session.open_channel::<u64>().unwrap();
+            let rx = session.accept_channel::<u64>().unwrap();
+            for i in 0..2000u64 {
+                tx.send(i).unwrap();
+                assert_eq!(*rx.recv().unwrap(), i + 1);
+            }
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
