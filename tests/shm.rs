@@ -273,6 +273,57 @@ fn four_processes_on_two_cores_stay_live() {
     assert_eq!(total, KIDS as u64 * ROUNDS);
 }
 
+/// 10 000 nested channels over one shm session cost no fds: each ring's memfd is mapped and
+/// closed as it arrives (what they do cost, one mapping each, is printed).
+#[test]
+fn ten_thousand_nested_channels_cost_no_fds() {
+    const N: u64 = 10_000;
+    let _g = serial();
+    let fds = fd_count();
+    let maps = ring_mappings();
+    let (a, b) = libchan::Session::pair().unwrap();
+    assert_eq!(a.transport(), Transport::Shm);
+    let ctrl = a.open_channel::<Sender<u64>>().unwrap();
+    let incoming = b.accept_channel::<Sender<u64>>().unwrap();
+    let peer = thread::spawn(move || {
+        // Keeps every sender (and so every ring) alive until told to stop.
+        let mut keep = Vec::new();
+        for (i, m) in incoming.iter().enumerate() {
+            let tx = m.take(&*m).unwrap();
+            tx.send(i as u64).unwrap();
+            keep.push(tx);
+        }
+        keep.len()
+    });
+    let receivers: Vec<_> = (0..N)
+        .map(|_| {
+            let (tx, rx) = libchan::pipe::<u64>();
+            ctrl.send(tx).unwrap();
+            rx
+        })
+        .collect();
+    for (i, rx) in receivers.iter().enumerate() {
+        assert_eq!(*rx.recv_timeout(Duration::from_secs(10)).unwrap(), i as u64);
+    }
+    let used_fds = fd_count() as i64 - fds as i64;
+    let used_maps = ring_mappings() - maps;
+    eprintln!("{N} nested channels: {used_fds} more fds, {used_maps} more ring mappings");
+    // One ring per nested channel, each seen from both ends of the pair (one process here).
+    assert!(used_maps >= N as usize, "rings mapped: {used_maps}");
+    // The session's own socket pair and eventfds are all the fds it holds.
+    assert!(used_fds <= 8, "{used_fds} fds for {N} nested channels");
+    drop(ctrl);
+    assert_eq!(peer.join().unwrap(), N as usize);
+    drop((receivers, a, b));
+    assert!(
+        eventually(Duration::from_secs(5), || fd_count() == fds
+            && ring_mappings() == maps),
+        "leak: fds {fds} -> {}, ring mappings {maps} -> {}",
+        fd_count(),
+        ring_mappings()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The child side
 // ---------------------------------------------------------------------------------------------
