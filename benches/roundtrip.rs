@@ -275,7 +275,8 @@ fn child_main(role: &str) {
     let sock = UnixStream::from(fd);
     match role {
         "chan" => {
-            let session = Session::from_unix_stream(sock, Role::Acceptor).expect("handshake");
+            let session = Session::from_unix_stream_with(sock, Role::Acceptor, &unix_only())
+                .expect("handshake");
             let rx = session
                 .accept_channel_timeout::<Payload>(Duration::from_secs(10))
                 .expect("accept_channel");
@@ -341,7 +342,8 @@ fn roundtrip(c: &mut Criterion, cpus: (usize, usize)) {
     g.bench_function("unix/libchan", |b| {
         let p = unix.get_or_insert_with(|| {
             let (child, sock) = spawn_child("chan", cpus.1);
-            let session = Session::from_unix_stream(sock, Role::Connector).expect("handshake");
+            let session = Session::from_unix_stream_with(sock, Role::Connector, &unix_only())
+                .expect("handshake");
             let tx = session.open_channel::<Payload>().expect("open_channel");
             let rx = session
                 .accept_channel_timeout::<Payload>(Duration::from_secs(10))
@@ -389,4 +391,9 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     roundtrip(&mut c, cpus);
     c.final_summary();
+}
+
+/// The plain unix transport: same-uid sessions would otherwise move to shared memory.
+fn unix_only() -> libchan::Options {
+    libchan::Options::new().shm(false)
 }

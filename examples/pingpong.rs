@@ -11,15 +11,19 @@
 //!   `crossbeam_channel::bounded(256)` each way carrying `(u64, Vec<u8>)` of the same size.
 //! * `unix`: two real processes. The parent makes a socket pair and re-executes itself with
 //!   a hidden `--child ROLE ...` argument and the other end of the pair as the child's stdin;
-//!   both ends run `Session::from_unix_stream`. Floor: the same two processes exchanging
-//!   length-prefixed frames over the raw socket (std `UnixStream`, `BufReader` +
-//!   `read_exact`, one `write_all` per message).
-//! * `shm`: two real processes sharing a memfd mapping. libchan's shm transport is not built
-//!   yet, so only the floors run and the output says so (libchan columns `-`, JSON
-//!   `"libchan":null` with null numbers and ratio). Floors, per mode: a cache-line ping-pong
-//!   (`rtt`), a futex ping-pong where both sides sleep (`rtt-parked`), and an SPSC ring of
-//!   N-byte records (`stream`, plus single-core memcpy of N bytes for N >= 64 KiB). See the
-//!   "Shared-memory floors" section below for exactly what they do.
+//!   both ends run `Session::from_unix_stream_with` with `Options::new().shm(false)`, so that
+//!   the session stays on the plain socket (same-uid sessions negotiate shared memory
+//!   otherwise). Both sides check `session.transport() == Transport::Unix` and fail if not.
+//!   Floor: the same two processes exchanging length-prefixed frames over the raw socket (std
+//!   `UnixStream`, `BufReader` + `read_exact`, one `write_all` per message).
+//! * `shm`: libchan with shared memory on (`Options::new()`, the default), over the same
+//!   child-process mechanism as `unix`; both sides check `transport() == Transport::Shm`.
+//!   Messages without handles that fit half a channel's 1 MiB ring go through the ring; larger
+//!   ones go on the socket. Floors: two real processes sharing a memfd mapping, per mode: a
+//!   cache-line ping-pong (`rtt`), a futex ping-pong where both sides sleep (`rtt-parked`),
+//!   and an SPSC ring of N-byte records (`stream`, plus single-core memcpy of N bytes for
+//!   N >= 64 KiB, reported beside). See the "Shared-memory floors" section below for exactly
+//!   what they do.
 //!
 //! The two sides are pinned to two different CPUs (the first two this process may run on).
 //! Whoever receives a message reads every byte of it (sums it) and checks the sum.
@@ -28,10 +32,17 @@
 //!   echo carries the whole payload back. Reports p50, p99, mean and round trips/s.
 //! * `rtt-parked`: shm only (skipped for the others): round trips in which each side sleeps
 //!   in the kernel until the other wakes it, i.e. the cost of two cross-core wake-ups.
+//!   libchan has no knob to turn its spinning off, so its side is made to sleep by waiting:
+//!   before each round trip the initiator busy-waits [`PARKED_DELAY`] (outside the timed
+//!   span), so the echo side has spun out and sleeps on its futex when the message comes;
+//!   the echo side busy-waits [`PARKED_DELAY`] before replying, so the initiator sleeps too.
+//!   The echo side measures that delay of its own with `Instant` each round trip and sends
+//!   the list back at the end; each round trip's own delay is subtracted from its time.
+//!   Reported as "libchan rtt with the receiver asleep (echo delays 200 us; delay subtracted)".
 //! * `stream`: K messages one way (after W warm-up ones), then one acknowledgement back;
 //!   the clock runs from the first message to the acknowledgement. Reports msgs/s, bytes/s.
 //!
-//! A later transport (shm, tcp, tls) plugs in as a [`TransportKind`] variant: it needs a way to
+//! A later transport (tcp, tls) plugs in as a [`TransportKind`] variant: it needs a way to
 //! build a [`ChanLink`] on both sides and a floor [`Link`]; the drivers are generic.
 
 use std::error::Error as StdError;
@@ -46,7 +57,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use libchan::{Receiver, RecvError, Role, Sender, Session};
+use libchan::{Options, Receiver, RecvError, Role, Sender, Session, Transport};
 
 type Res<T> = Result<T, Box<dyn StdError + Send + Sync>>;
 
@@ -66,6 +77,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const RAW_READ_BUF: usize = 16 * 1024;
 /// Raw floor frame header: u32 length (of what follows), u64 sequence number.
 const RAW_HDR: usize = 12;
+/// libchan rtt-parked: how long each side busy-waits before it sends, so that the other side
+/// has spun out (libchan spins about 10 us) and sleeps on its futex.
+const PARKED_DELAY: Duration = Duration::from_micros(200);
 
 // ---------------------------------------------------------------------------------------
 // Payload helpers shared by every link.
@@ -141,6 +155,40 @@ impl Link for ChanLink {
             Err(RecvError::Closed | RecvError::Disconnected) => Ok(false),
             Err(e) => Err(format!("libchan recv: {e}").into()),
         }
+    }
+}
+
+impl ChanLink {
+    /// [`Link::echo`], but busy-waits [`PARKED_DELAY`] between checking the message and
+    /// sending it back; returns how long that wait actually took (`None` on close).
+    fn echo_delayed(&mut self) -> Res<Option<Duration>> {
+        match self.rx.recv() {
+            Ok(m) => {
+                let seq = m.seq.to_native();
+                touch_check(seq, m.data.as_slice())?;
+                let data = m.data.as_slice().to_vec();
+                drop(m);
+                let waited = busy_wait(PARKED_DELAY);
+                self.tx
+                    .send(Payload { seq, data })
+                    .map_err(|e| format!("libchan send: {e}"))?;
+                Ok(Some(waited))
+            }
+            Err(RecvError::Closed | RecvError::Disconnected) => Ok(None),
+            Err(e) => Err(format!("libchan recv: {e}").into()),
+        }
+    }
+}
+
+/// Spins (without sleeping) for at least `d`; returns the time actually spent.
+fn busy_wait(d: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let dt = t0.elapsed();
+        if dt >= d {
+            return dt;
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -334,6 +382,100 @@ fn respond<L: Link>(l: &mut L, mode: Mode, size: usize, warmup: usize, iters: us
     Ok(())
 }
 
+/// libchan rtt-parked, measuring side. Like [`drive`]'s rtt, but busy-waits [`PARKED_DELAY`]
+/// before each round trip, outside the timed span, so that the echo side sleeps when the
+/// message comes; the echo side waits as long before replying, so that we sleep too. Once the
+/// round trips are done we close our sender; the echo side then sends back, on a channel it
+/// opens, the delay it measured in each round trip, and each is subtracted from its own round
+/// trip's time.
+fn drive_parked(
+    session: &Session,
+    mut l: ChanLink,
+    size: usize,
+    warmup: usize,
+    iters: usize,
+) -> Res<Measured> {
+    let total = warmup + iters;
+    let mut times = Vec::with_capacity(total);
+    let mut last_report = Instant::now();
+    for i in 0..total {
+        let seq = i as u64;
+        busy_wait(PARKED_DELAY);
+        let t0 = Instant::now();
+        l.send_new(seq, size)?;
+        let got = l.recv_check()?;
+        let dt = t0.elapsed();
+        expect_msg(got, seq, size)?;
+        times.push(dt.as_nanos() as u64);
+        if i % 256 == 0 && last_report.elapsed() > Duration::from_secs(2) {
+            eprintln!("pingpong:   {i}/{total} round trips");
+            last_report = Instant::now();
+        }
+    }
+    let ChanLink { tx, rx } = l;
+    drop(tx);
+    let delays_rx = session.accept_channel_timeout::<Vec<u64>>(SETUP_TIMEOUT)?;
+    let msg = delays_rx
+        .recv_timeout(SETUP_TIMEOUT)
+        .map_err(|e| format!("libchan recv of the echo delays: {e}"))?;
+    let delays: Vec<u64> = msg.iter().map(|d| d.to_native()).collect();
+    drop((msg, rx));
+    if delays.len() != total {
+        return Err(format!(
+            "the echo side reported {} delays for {total} round trips",
+            delays.len()
+        )
+        .into());
+    }
+    let mut samples = Vec::with_capacity(iters);
+    for (i, (&t, &d)) in times.iter().zip(&delays).enumerate().skip(warmup) {
+        // The echo's delay lies inside the round trip, so this cannot underflow unless the
+        // two processes' clocks disagree.
+        let net = t
+            .checked_sub(d)
+            .ok_or_else(|| format!("round trip {i}: {t} ns, shorter than its delay {d} ns"))?;
+        samples.push(net);
+    }
+    let measured = &delays[warmup..];
+    eprintln!(
+        "pingpong:   echo delay per round trip (subtracted): mean {:.0} ns, min {} ns, max {} ns",
+        measured.iter().sum::<u64>() as f64 / measured.len() as f64,
+        measured.iter().min().unwrap_or(&0),
+        measured.iter().max().unwrap_or(&0),
+    );
+    Ok(Measured::Rtt(samples))
+}
+
+/// libchan rtt-parked, echo side: see [`drive_parked`].
+fn respond_parked(session: &Session, mut l: ChanLink) -> Res<()> {
+    let mut delays = Vec::new();
+    while let Some(d) = l.echo_delayed()? {
+        delays.push(d.as_nanos() as u64);
+    }
+    let tx = session.open_channel::<Vec<u64>>()?;
+    tx.send(delays)
+        .map_err(|e| format!("libchan send of the echo delays: {e}"))?;
+    // Stay until the parent has read them and closed the session.
+    match session.accept_channel_timeout::<u8>(SETUP_TIMEOUT) {
+        Err(libchan::Error::Disconnected) => Ok(()),
+        Err(e) => Err(format!("child: waiting for the parent to close: {e}").into()),
+        Ok(_) => Err("child: unexpected channel from the parent".into()),
+    }
+}
+
+/// A libchan session over `sock` that must run on `want`: shared memory is allowed only for
+/// [`Transport::Shm`]. Says on stderr which transport `side` got, and fails if it is not `want`.
+fn chan_session(sock: UnixStream, role: Role, want: Transport, side: &str) -> Res<Session> {
+    let opts = Options::new().shm(want == Transport::Shm);
+    let session = Session::from_unix_stream_with(sock, role, &opts)?;
+    let got = session.transport();
+    eprintln!("pingpong:   {side}: libchan session transport = {got}");
+    if got != want {
+        return Err(format!("{side}: libchan session runs on {got}, expected {want}").into());
+    }
+    Ok(session)
+}
+
 // ---------------------------------------------------------------------------------------
 // Pinning.
 
@@ -404,8 +546,10 @@ impl Drop for ChildGuard {
 /// The roles a re-executed child can play.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ChildRole {
-    /// libchan session over the inherited socket.
+    /// libchan session over the inherited socket, shared memory off.
     Chan,
+    /// libchan session over the inherited socket, shared memory on.
+    ChanShm,
     /// Raw frames over the inherited socket.
     Raw,
     /// The shared-memory floors, over an inherited memfd.
@@ -416,6 +560,7 @@ impl ChildRole {
     fn name(self) -> &'static str {
         match self {
             ChildRole::Chan => "chan",
+            ChildRole::ChanShm => "chan-shm",
             ChildRole::Raw => "raw",
             ChildRole::Shm => "shm",
         }
@@ -462,6 +607,7 @@ fn child_main(args: &[String]) -> Res<()> {
             "--child" => {
                 role = Some(match val()?.as_str() {
                     "chan" => ChildRole::Chan,
+                    "chan-shm" => ChildRole::ChanShm,
                     "raw" => ChildRole::Raw,
                     "shm" => ChildRole::Shm,
                     r => return Err(format!("unknown child role {r}").into()),
@@ -482,12 +628,21 @@ fn child_main(args: &[String]) -> Res<()> {
     }
     let sock = || -> Res<UnixStream> { Ok(io::stdin().as_fd().try_clone_to_owned()?.into()) };
     match role.ok_or("child: no role")? {
-        ChildRole::Chan => {
-            let sock = sock()?;
-            let session = Session::from_unix_stream(sock, Role::Acceptor)?;
+        r @ (ChildRole::Chan | ChildRole::ChanShm) => {
+            let want = if r == ChildRole::ChanShm {
+                Transport::Shm
+            } else {
+                Transport::Unix
+            };
+            let session = chan_session(sock()?, Role::Acceptor, want, "child")?;
             let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
             let tx = session.open_channel::<Payload>()?;
-            respond(&mut ChanLink { tx, rx }, mode, size, warmup, iters)
+            let mut link = ChanLink { tx, rx };
+            if mode == Mode::RttParked {
+                respond_parked(&session, link)
+            } else {
+                respond(&mut link, mode, size, warmup, iters)
+            }
         }
         ChildRole::Raw => respond(&mut RawLink::new(sock()?)?, mode, size, warmup, iters),
         ChildRole::Shm => {
@@ -507,7 +662,7 @@ enum TransportKind {
     Mem,
     /// Two processes over a unix socket.
     Unix,
-    /// Two processes over shared memory (floors only until libchan's shm transport exists).
+    /// Two processes, a libchan session with shared memory on (floors: shared memory).
     Shm,
 }
 
@@ -540,9 +695,14 @@ impl TransportKind {
         }
     }
 
-    /// Whether libchan implements this transport yet (if not, only the floor runs).
-    fn has_libchan(self) -> bool {
-        self != TransportKind::Shm
+    /// Whether libchan implements this transport and mode (if not, only the floor runs).
+    /// Every one this tool runs has a libchan side now (rtt-parked runs for shm only); a
+    /// transport measured before libchan implements it (tcp, tls) returns false here.
+    fn has_libchan(self, mode: Mode) -> bool {
+        match self {
+            TransportKind::Mem | TransportKind::Unix => mode != Mode::RttParked,
+            TransportKind::Shm => true,
+        }
     }
 
     /// libchan on this transport.
@@ -555,24 +715,27 @@ impl TransportKind {
                 let main = ChanLink { tx: atx, rx: brx };
                 in_thread(run, cpus.1, main, peer)
             }
-            TransportKind::Unix => {
-                let (guard, sock) = spawn_child(ChildRole::Chan, run, cpus.1)?;
+            TransportKind::Unix | TransportKind::Shm => {
+                let (role, want) = if self == TransportKind::Shm {
+                    (ChildRole::ChanShm, Transport::Shm)
+                } else {
+                    (ChildRole::Chan, Transport::Unix)
+                };
+                let (guard, sock) = spawn_child(role, run, cpus.1)?;
                 let measured = {
-                    let session = Session::from_unix_stream(sock, Role::Connector)?;
+                    let session = chan_session(sock, Role::Connector, want, "parent")?;
                     let tx = session.open_channel::<Payload>()?;
                     let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
-                    drive(
-                        &mut ChanLink { tx, rx },
-                        run.mode,
-                        run.size,
-                        run.warmup,
-                        run.iters,
-                    )?
+                    let mut link = ChanLink { tx, rx };
+                    if run.mode == Mode::RttParked {
+                        drive_parked(&session, link, run.size, run.warmup, run.iters)?
+                    } else {
+                        drive(&mut link, run.mode, run.size, run.warmup, run.iters)?
+                    }
                 };
                 guard.finish()?;
                 Ok(measured)
             }
-            TransportKind::Shm => Err("libchan's shm transport is not built yet".into()),
         }
     }
 
@@ -626,7 +789,7 @@ fn in_thread<L: Link, P: Link + Send + 'static>(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Rtt,
-    /// Round trips where both sides sleep in the kernel (shm floor only).
+    /// Round trips where both sides sleep in the kernel (shm only).
     RttParked,
     Stream,
 }
@@ -748,8 +911,7 @@ fn fmt_rate(x: f64) -> String {
 
 const USAGE: &str = "usage: pingpong --transport mem|unix|shm --size N [--iters K] [--warmup W] \
 [--mode rtt|rtt-parked|stream] [--json]\n  (--transport, --size and --mode take comma-separated \
-lists; sizes may end in k or m; rtt-parked runs for shm only; shm runs the floors only until \
-libchan's shm transport exists)";
+lists; sizes may end in k or m; rtt-parked runs for shm only)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -832,12 +994,18 @@ fn parent_main(args: &[String]) -> Res<()> {
             "fl p50", "fl p99", "fl mean", "fl msg/s", "fl MB/s", "ratio"
         );
         if transports.contains(&TransportKind::Shm) {
-            println!("note: {SHM_NOTE}; libchan columns and ratio are '-' for shm");
+            println!(
+                "note: shm = libchan session with shared memory on; unix = shared memory off \
+                 (both sides check session.transport())"
+            );
             println!(
                 "note: shm floors: rtt = cache-line ping-pong, parked = futex ping-pong (payload \
                  one way, parent -> child, read fully); stream = SPSC ring; memcpy = one core \
                  copying size bytes, same run"
             );
+            if modes.contains(&Mode::RttParked) {
+                println!("note: shm parked libchan = {PARKED_NOTE}");
+            }
         }
     }
 
@@ -845,7 +1013,7 @@ fn parent_main(args: &[String]) -> Res<()> {
         for &mode in &modes {
             if mode == Mode::RttParked && transport != TransportKind::Shm {
                 eprintln!(
-                    "pingpong: {} {}: skipped (rtt-parked is a shm floor only)",
+                    "pingpong: {} {}: skipped (rtt-parked runs for shm only)",
                     transport.name(),
                     mode.name()
                 );
@@ -872,7 +1040,7 @@ fn parent_main(args: &[String]) -> Res<()> {
                     && mode == Mode::Stream
                     && size >= MEMCPY_MIN_SIZE)
                     .then(|| memcpy_bytes_per_s(size));
-                let ours = if transport.has_libchan() {
+                let ours = if transport.has_libchan(mode) {
                     eprintln!(
                         "pingpong: {label}: floor done in {:.2} s; libchan...",
                         t.elapsed().as_secs_f64()
@@ -886,7 +1054,7 @@ fn parent_main(args: &[String]) -> Res<()> {
                     Some(ours)
                 } else {
                     eprintln!(
-                        "pingpong: {label}: floor done in {:.2} s; {SHM_NOTE}",
+                        "pingpong: {label}: floor done in {:.2} s; no libchan side: floor only",
                         t.elapsed().as_secs_f64()
                     );
                     None
@@ -900,15 +1068,19 @@ fn parent_main(args: &[String]) -> Res<()> {
                     Mode::Stream => floor.msgs_per_s / ours.msgs_per_s,
                 });
                 if json {
-                    // Keys beyond the common ones, for transports libchan lacks (shm).
-                    let extra = if ours.is_none() {
-                        format!(
-                            ",\"libchan\":null,\"note\":\"{SHM_NOTE}\",\"memcpy_bytes_per_s\":{}",
-                            json_num(memcpy)
-                        )
-                    } else {
-                        String::new()
-                    };
+                    // Keys beyond the common ones: shm adds memcpy (null below 64 KiB),
+                    // libchan rtt-parked says how it was measured, a transport without a
+                    // libchan side (none yet) says so.
+                    let mut extra = String::new();
+                    if ours.is_none() {
+                        extra
+                            .push_str(",\"libchan\":null,\"note\":\"no libchan side: floor only\"");
+                    } else if mode == Mode::RttParked {
+                        extra.push_str(&format!(",\"note\":\"{PARKED_NOTE}\""));
+                    }
+                    if transport == TransportKind::Shm {
+                        extra.push_str(&format!(",\"memcpy_bytes_per_s\":{}", json_num(memcpy)));
+                    }
                     println!(
                         "{{\"transport\":\"{}\",\"mode\":\"{}\",\"size\":{size},\"iters\":{iters},\
                          \"warmup\":{warmup},\"p50_ns\":{},\"p99_ns\":{},\"mean_ns\":{},\
@@ -977,8 +1149,8 @@ fn parent_main(args: &[String]) -> Res<()> {
 // =======================================================================================
 // Shared-memory floors (`--transport shm`).
 //
-// libchan's shm transport is not built yet, so for shm only these floors run; the output
-// says so. Each runs between this process and a re-executed child (`--child shm --shm-fd N`),
+// libchan's own shm runs go through `TransportKind::measure_ours` like unix (a session with
+// shared memory on); these are the floors they are measured against. Each runs between this process and a re-executed child (`--child shm --shm-fd N`),
 // pinned like the other transports, over one memfd mapping: the parent creates and maps it,
 // clears close-on-exec on the fd for the spawn and passes its number; the child maps the
 // inherited fd. Layout:
@@ -1002,8 +1174,9 @@ fn parent_main(args: &[String]) -> Res<()> {
 // * memcpy (stream, N >= 64 KiB): one core copying N bytes between two buffers of this
 //   process, repeatedly (about 1 GiB in all), in the same run.
 
-/// What the output says while libchan has no shm transport.
-const SHM_NOTE: &str = "libchan shm transport not built yet: floors only";
+/// How libchan's rtt-parked is measured (see the module docs).
+const PARKED_NOTE: &str =
+    "libchan rtt with the receiver asleep (echo delays 200 us; delay subtracted)";
 /// Offset of the word the parent writes; the child's is one 128-byte line further, so that
 /// adjacent-line prefetch does not couple them.
 const SHM_PING: usize = 0;

@@ -367,7 +367,7 @@ impl Transport {
             }
             Transport::Chan => {
                 let addr = format!("unix:@libchan-peers-{}-{seq}", std::process::id());
-                let listener = libchan::listen(&addr)?;
+                let listener = libchan::listen_with(&addr, &libchan::Options::new().shm(false))?;
                 let guard = ChildGuard(Some(cmd.args(["--addr", &addr]).spawn()?));
                 let session = bounded("libchan accept", move || Ok(listener.accept()?))?;
                 let tx = session.open_channel::<Payload>()?;
@@ -411,7 +411,7 @@ impl Transport {
                 Box::new(RawLink::new(sock)?)
             }
             Transport::Chan => {
-                let session = libchan::connect(&addr()?)?;
+                let session = libchan::connect_with(&addr()?, &libchan::Options::new().shm(false))?;
                 let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
                 let tx = session.open_channel::<Payload>()?;
                 Box::new(ChanLink {
