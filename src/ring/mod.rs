@@ -3,7 +3,8 @@
 //! This layer is what the same-host transport moves messages through: a ring is laid out inside
 //! a [`region::Region`] (heap memory in process, a memfd mapping shared between processes) and
 //! carries variable-size records from one producer to one consumer ([`spsc`]). It makes no
-//! syscalls, so it runs under miri (and, later, loom: see [`atomic`]).
+//! syscalls, so it runs under miri, and its protocol code runs under loom (`--cfg libchan_loom`:
+//! see `loom_models`, and [`spsc::Memory`] for how the ring reaches its memory).
 //!
 //! The ring treats the region as hostile input when the peer is another process: every index
 //! and record length the peer writes is bounds-checked before use, and a value that breaks the
@@ -12,6 +13,8 @@
 
 // The shared-memory transport will use these; until then only tests do (see the allowances).
 mod atomic;
+#[cfg(all(test, libchan_loom))]
+mod loom_models;
 pub(crate) mod region;
 pub(crate) mod shm;
 pub(crate) mod spsc;
