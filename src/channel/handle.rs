@@ -81,6 +81,19 @@ impl SendCore {
         }
     }
 
+    /// See [`Outlet::send_in_place`]; `None` for an in-process inbox.
+    pub(crate) fn send_in_place(
+        &self,
+        estimate: usize,
+        wait: Wait,
+        encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
+    ) -> Option<Result<(), PushError>> {
+        match self {
+            SendCore::Local(_) => None,
+            SendCore::Remote(out) => out.send_in_place(estimate, wait, encode),
+        }
+    }
+
     pub(crate) fn is_disconnected(&self) -> bool {
         match self {
             SendCore::Local(inbox) => inbox.is_disconnected(),

@@ -28,11 +28,17 @@ pub struct Sender<T> {
     pub(crate) core: SendCore,
     /// Size of the last message this end encoded: the next buffer starts that large.
     size_hint: AtomicUsize,
+    /// Size of the last archive written in place (see `send_in_place`); `NO_IN_PLACE` once a
+    /// message turned out to carry handles, which cannot be written in place.
+    slot_hint: AtomicUsize,
     _t: PhantomData<fn(T)>,
 }
 
 /// Smallest buffer a message is encoded into.
 const MIN_BUFFER: usize = 256;
+
+/// `slot_hint` value for "this sender's messages carry handles: do not try in place".
+const NO_IN_PLACE: usize = usize::MAX;
 
 /// The archived form of a [`Sender`]: an index into its message's handles.
 pub type ArchivedSender<T> = ArchivedHandle<Sender<T>>;
@@ -42,6 +48,7 @@ impl<T: Message> Sender<T> {
         Self {
             core,
             size_hint: AtomicUsize::new(MIN_BUFFER),
+            slot_hint: AtomicUsize::new(0),
             _t: PhantomData,
         }
     }
@@ -120,6 +127,13 @@ impl<T: Message> Sender<T> {
         if self.core.is_disconnected() {
             return Err((msg, Some(Error::Disconnected)));
         }
+        if let Some(sent) = self.send_in_place(&msg, wait) {
+            return match sent {
+                Ok(()) => Ok(()),
+                Err(PushError::Disconnected) => Err((msg, Some(Error::Disconnected))),
+                Err(PushError::Full | PushError::Timeout) => Err((msg, None)),
+            };
+        }
         let hint = self.size_hint.load(Ordering::Relaxed);
         let packet = match message::encode(&msg, self.core.max_message(), hint) {
             Ok(p) => p,
@@ -127,6 +141,14 @@ impl<T: Message> Sender<T> {
         };
         if packet.bytes.len() > hint {
             self.size_hint.store(packet.bytes.len(), Ordering::Relaxed);
+        }
+        if self.slot_hint.load(Ordering::Relaxed) != NO_IN_PLACE {
+            let next = if packet.handles.is_empty() {
+                packet.bytes.len()
+            } else {
+                NO_IN_PLACE
+            };
+            self.slot_hint.store(next, Ordering::Relaxed);
         }
         if let Err(e) = self.core.check_handles(&packet) {
             return Err((msg, Some(e)));
@@ -141,11 +163,39 @@ impl<T: Message> Sender<T> {
     }
 }
 
+impl<T: Message> Sender<T> {
+    /// Serializes `msg` straight into the channel's ring, when it has one: no buffer, no copy.
+    /// `None` when the message must take the buffered path (no ring, larger than the space
+    /// offered, or carrying handles).
+    fn send_in_place(&self, msg: &T, wait: Wait) -> Option<Result<(), PushError>> {
+        let last = self.slot_hint.load(Ordering::Relaxed);
+        if last == NO_IN_PLACE {
+            return None;
+        }
+        // Room for the last size and a quarter more; a message that outgrows it is encoded
+        // into a buffer once, and its size becomes the next estimate.
+        let estimate = (last + last / 4 + 64).next_multiple_of(16);
+        let mut wrote = 0;
+        let sent = self.core.send_in_place(estimate, wait, &mut |at, cap| {
+            // SAFETY: the transport hands out `at..at + cap` as an unpublished, 16-byte aligned
+            // ring record that nothing else reads or references until it is committed.
+            let n = unsafe { message::encode_in_place(msg, at, cap) }?;
+            wrote = n;
+            Some(n)
+        });
+        if matches!(sent, Some(Ok(()))) {
+            self.slot_hint.store(wrote, Ordering::Relaxed);
+        }
+        sent
+    }
+}
+
 impl<T> Clone for Sender<T> {
     fn clone(&self) -> Self {
         Self {
             core: self.core.clone(),
             size_hint: AtomicUsize::new(self.size_hint.load(Ordering::Relaxed)),
+            slot_hint: AtomicUsize::new(self.slot_hint.load(Ordering::Relaxed)),
             _t: PhantomData,
         }
     }

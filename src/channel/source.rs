@@ -93,6 +93,21 @@ pub(crate) trait Outlet: Send + Sync {
     /// dropped (its handles close); the caller still holds the value it encoded.
     fn send(&self, packet: Packet, wait: Wait) -> Result<(), PushError>;
 
+    /// Sends one message serialized by `encode` straight into the transport's buffer (a ring
+    /// record), if this channel has one: `encode(at, cap)` writes the archive at `at` (16-byte
+    /// aligned, `cap` bytes writable) and returns its length, or `None` when it cannot (too
+    /// big, or it carries handles). `estimate` sizes the space offered. Returns `None` when the
+    /// message was not sent this way (the caller then encodes it into a buffer and calls
+    /// [`send`](Self::send)).
+    fn send_in_place(
+        &self,
+        _estimate: usize,
+        _wait: Wait,
+        _encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
+    ) -> Option<Result<(), PushError>> {
+        None
+    }
+
     /// Largest archive the session accepts.
     fn max_message(&self) -> usize;
 

@@ -123,6 +123,8 @@ pub(crate) fn encode<T: Message>(
         vec: Bytes::with_capacity(capacity.min(limit)),
         limit,
         overflow: false,
+        slot: None,
+        slot_len: 0,
     };
     let (result, handles) = collect_handles(|| value.encode_into(out));
     match result {
@@ -288,30 +290,82 @@ pub(crate) fn decode<T: Message>(
     result.map_err(|e| InvalidMessage::new(format!("cannot deserialize: {e}")))
 }
 
-/// The writer rkyv serializes into: an aligned buffer that refuses to grow past a limit.
+/// The writer rkyv serializes into: an aligned buffer that refuses to grow past a limit, or
+/// a slot of shared memory (a ring record) written in place.
 #[doc(hidden)]
 pub struct LimitedVec {
     vec: Bytes,
     limit: usize,
     overflow: bool,
+    /// Writing into `slot..slot + limit` instead of `vec` (see [`encode_in_place`]).
+    slot: Option<std::ptr::NonNull<u8>>,
+    /// Bytes written into the slot.
+    slot_len: usize,
 }
 
 const OVERFLOW: &str = "libchan: message exceeds the size limit";
 
 impl Positional for LimitedVec {
     fn pos(&self) -> usize {
-        self.vec.len()
+        match self.slot {
+            Some(_) => self.slot_len,
+            None => self.vec.len(),
+        }
     }
 }
 
 impl<E: rancor::Source> Writer<E> for LimitedVec {
     fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
-        if self.vec.len() + bytes.len() > self.limit {
+        if self.pos() + bytes.len() > self.limit {
             self.overflow = true;
             return Err(E::new(LimitError));
         }
-        self.vec.extend_from_slice(bytes);
+        match self.slot {
+            Some(base) => {
+                // SAFETY: `encode_in_place`'s contract makes `base..base + limit` valid for
+                // writes and unaliased by references; `slot_len + bytes.len() <= limit` was
+                // checked above, and `bytes` is a Rust slice, so it cannot overlap the slot.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        base.as_ptr().add(self.slot_len),
+                        bytes.len(),
+                    );
+                }
+                self.slot_len += bytes.len();
+            }
+            None => self.vec.extend_from_slice(bytes),
+        }
         Ok(())
+    }
+}
+
+/// Serializes `value` straight into `slot..slot + cap` (a ring record's payload) and returns the
+/// archive's length; `None` when it does not fit, fails, or carries handles (those travel
+/// beside the archive, which a ring record cannot do). Nothing is allocated for the archive.
+///
+/// # Safety
+///
+/// `slot` is 16-byte aligned and valid for writes of `cap` bytes for the duration of the call,
+/// and no Rust reference to those bytes exists (no other thread or process reads them before
+/// the caller publishes them).
+pub(crate) unsafe fn encode_in_place<T: Message>(
+    value: &T,
+    slot: *mut u8,
+    cap: usize,
+) -> Option<usize> {
+    let out = LimitedVec {
+        vec: Bytes::new(),
+        limit: cap,
+        overflow: false,
+        slot: Some(std::ptr::NonNull::new(slot)?),
+        slot_len: 0,
+    };
+    let (result, handles) = collect_handles(|| value.encode_into(out));
+    match result {
+        Ok(out) if !out.overflow && handles.is_empty() => Some(out.slot_len),
+        // Dropping `handles` releases the duplicates serialization made.
+        _ => None,
     }
 }
 

@@ -282,6 +282,38 @@ impl Outlet for OutChan {
         self.conn.send_data(self.id, packet, &reset)
     }
 
+    fn send_in_place(
+        &self,
+        estimate: usize,
+        wait: Wait,
+        encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
+    ) -> Option<Result<(), PushError>> {
+        if !self.conn.shm() {
+            return None;
+        }
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if let RingState::Unset = *ring {
+            *ring = self.make_ring();
+        }
+        let RingState::Ready(out) = &mut *ring else {
+            return None;
+        };
+        if estimate > out.max_archive() {
+            return None;
+        }
+        let seq = self.conn.next_seq();
+        let stop = || self.is_disconnected();
+        match out.write_in_place(seq, estimate, wait, &stop, encode) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(RingWriteError::Push(e)) => Some(Err(e)),
+            Err(RingWriteError::Corrupt(c)) => {
+                self.conn.fail(&format!("peer broke a channel's ring: {c}"));
+                Some(Err(PushError::Disconnected))
+            }
+        }
+    }
+
     fn max_message(&self) -> usize {
         self.conn.limits.max_message as usize
     }

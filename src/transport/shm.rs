@@ -84,26 +84,77 @@ impl RingOut {
         stop: &dyn Fn() -> bool,
     ) -> Result<(), RingWriteError> {
         let len = TAG_LEN + bytes.len();
+        self.wait_room(len, wait, stop)?;
+        match self.prod.reserve(len) {
+            Ok(Some(mut grant)) => {
+                grant.write_at(0, &tag_bytes(tag, seq));
+                grant.write_at(TAG_LEN, bytes);
+                grant.commit();
+            }
+            // Only this producer takes room, and `wait_room` saw enough.
+            Ok(None) => unreachable!("room vanished under the only producer"),
+            Err(c) => return Err(RingWriteError::Corrupt(c)),
+        }
+        self.wake_consumer();
+        Ok(())
+    }
+
+    /// Serializes a message straight into a record: reserves `TAG_LEN + estimate` bytes
+    /// (waiting for room as `wait` allows), lets `encode` write the archive at the payload's
+    /// 16-byte aligned start, and publishes what it wrote. `encode` returns the archive's
+    /// length, or `None` when it does not fit or cannot go through the ring; the record is
+    /// then dropped (the consumer skips it) and this returns `Ok(false)`.
+    pub(crate) fn write_in_place(
+        &mut self,
+        seq: u64,
+        estimate: usize,
+        wait: Wait,
+        stop: &dyn Fn() -> bool,
+        encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
+    ) -> Result<bool, RingWriteError> {
+        let len = (TAG_LEN + estimate).min(self.prod.max_len());
+        self.wait_room(len, wait, stop)?;
+        let wrote = match self.prod.reserve(len) {
+            Ok(Some(mut grant)) => {
+                grant.write_at(0, &tag_bytes(TAG_MESSAGE, seq));
+                let cap = grant.len() - TAG_LEN;
+                let at = grant.as_mut_ptr().wrapping_add(TAG_LEN);
+                match encode(at, cap) {
+                    Some(n) if n <= cap => {
+                        grant.commit_len(TAG_LEN + n);
+                        true
+                    }
+                    // Dropped uncommitted: it becomes padding.
+                    _ => false,
+                }
+            }
+            Ok(None) => unreachable!("room vanished under the only producer"),
+            Err(c) => return Err(RingWriteError::Corrupt(c)),
+        };
+        if wrote {
+            self.wake_consumer();
+        }
+        Ok(wrote)
+    }
+
+    /// The largest archive that fits one record.
+    pub(crate) fn max_archive(&self) -> usize {
+        self.prod.max_len() - TAG_LEN
+    }
+
+    /// Waits until a record of `len` bytes fits, as `wait` allows.
+    fn wait_room(
+        &mut self,
+        len: usize,
+        wait: Wait,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), RingWriteError> {
         let mut spun = false;
         loop {
             if stop() {
                 return Err(RingWriteError::Push(PushError::Disconnected));
             }
-            let committed = match self.prod.reserve(len) {
-                Ok(Some(mut grant)) => {
-                    let mut head = [0u8; TAG_LEN];
-                    head[..4].copy_from_slice(&tag.to_le_bytes());
-                    head[8..].copy_from_slice(&seq.to_le_bytes());
-                    grant.write_at(0, &head);
-                    grant.write_at(TAG_LEN, bytes);
-                    grant.commit();
-                    true
-                }
-                Ok(None) => false,
-                Err(c) => return Err(RingWriteError::Corrupt(c)),
-            };
-            if committed {
-                self.wake_consumer();
+            if self.prod.has_room(len).map_err(RingWriteError::Corrupt)? {
                 return Ok(());
             }
             if wait.expired() {
@@ -117,7 +168,7 @@ impl RingOut {
             if !spun {
                 spun = true;
                 let start = Instant::now();
-                // An error shows up in `reserve` next round.
+                // An error shows up in `has_room` next round.
                 while start.elapsed() < SPIN && !self.prod.has_room(len).unwrap_or(true) && !stop()
                 {
                     std::hint::spin_loop();
@@ -143,6 +194,14 @@ impl RingOut {
     pub(crate) fn room_word(&self) -> &AtomicU32 {
         self.prod.room_word()
     }
+}
+
+/// A record's 16-byte tag: kind, zero, sequence number.
+fn tag_bytes(tag: u32, seq: u64) -> [u8; TAG_LEN] {
+    let mut head = [0u8; TAG_LEN];
+    head[..4].copy_from_slice(&tag.to_le_bytes());
+    head[8..].copy_from_slice(&seq.to_le_bytes());
+    head
 }
 
 /// Why [`RingOut::write`] failed.
