@@ -184,6 +184,9 @@ fn parse_body(header: &frame::Header, body: &[u8]) {
         Kind::Ring => {
             let _ = frame::parse_ring(body);
         }
+        Kind::Blob => {
+            let _ = frame::parse_blob(body);
+        }
         Kind::Close | Kind::Credit => {}
     }
 }

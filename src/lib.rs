@@ -14,8 +14,8 @@ mod transport;
 pub mod fuzzing;
 
 pub use channel::{
-    copy, pipe, pipe_with_capacity, ArchivedReceiver, ArchivedSender, CopyError, Msg, Receiver,
-    Sender, DEFAULT_CAPACITY,
+    copy, pipe, pipe_with_capacity, ArchivedReceiver, ArchivedSender, CopyError, Loan, Msg,
+    Receiver, Sender, DEFAULT_CAPACITY,
 };
 pub use error::{
     Error, InvalidMessage, RecvError, RecvTimeoutError, SendError, SendTimeoutError, TakeError,
@@ -23,7 +23,7 @@ pub use error::{
 };
 pub use message::{fingerprint, ArchivedByteStream, ArchivedFd, ByteStream, Fd, Message};
 pub use transport::{
-    connect, connect_with, listen, listen_with, Listener, Options, Role, Session, Transport,
+    connect, connect_with, listen, listen_with, Listener, Options, Role, Session, Transport, Trust,
 };
 
 /// Re-exported so that messages can derive rkyv's traits without a direct dependency.

@@ -52,7 +52,7 @@ pub fn copy<T: Message>(rx: &Receiver<T>, tx: &Sender<T>) -> Result<usize, CopyE
             Err(_) => return Err(CopyError { copied }),
         };
         if let Some(c) = &entry.credit {
-            c.consumed(&entry.packet);
+            c.consumed(entry.body_len());
         }
         let packet = entry.into_packet();
         if packet.bytes.len() > tx.core.max_message() {

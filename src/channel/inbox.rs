@@ -47,6 +47,13 @@ impl Entry {
         }
     }
 
+    /// The length of the frame body the message arrived in (handle descriptors and archive):
+    /// what its credit was charged.
+    pub(crate) fn body_len(&self) -> usize {
+        let lent = self.lent.as_ref().map_or(0, |l| l.len());
+        self.packet.handles.len() * 16 + self.packet.bytes.len() + lent
+    }
+
     /// The message as a packet of its own (lent bytes are copied out), for forwarding.
     pub(crate) fn into_packet(self) -> Packet {
         let Entry {
@@ -229,7 +236,7 @@ impl Inbox {
         // back here. Their credit is still returned so a session's window stays honest.
         for e in dropped {
             if let Some(c) = &e.credit {
-                c.consumed(&e.packet);
+                c.consumed(e.body_len());
             }
         }
         self.wake_all(waiters);

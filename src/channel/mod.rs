@@ -8,6 +8,7 @@
 mod copy;
 mod handle;
 mod inbox;
+mod loan;
 mod receiver;
 mod sender;
 mod source;
@@ -15,9 +16,10 @@ mod source;
 pub use copy::{copy, CopyError};
 pub(crate) use handle::{Handle, RecvCore, SendCore};
 pub(crate) use inbox::{Entry, Inbox, PopError, PushError, Wait};
+pub use loan::Loan;
 pub use receiver::{ArchivedReceiver, Msg, Receiver};
 pub use sender::{ArchivedSender, Sender};
-pub(crate) use source::{CreditSink, Drive, Feed, Lane, LanePop, Outlet};
+pub(crate) use source::{CreditSink, Drive, Feed, Lane, LanePop, LoanSlot, Outlet};
 
 use crate::message::Message;
 

@@ -144,14 +144,10 @@ impl<T: Message> Receiver<T> {
 
 impl<T: Message> Msg<T> {
     pub(crate) fn from_entry(entry: Entry) -> Result<Self, InvalidMessage> {
-        let Entry {
-            packet,
-            credit,
-            lent,
-        } = entry;
-        if let Some(c) = credit {
-            c.consumed(&packet);
+        if let Some(c) = &entry.credit {
+            c.consumed(entry.body_len());
         }
+        let Entry { packet, lent, .. } = entry;
         let body = match lent {
             Some(lent) => Body::Lent(lent),
             None => Body::Owned(packet.bytes),

@@ -172,9 +172,10 @@ impl<T: Message> Sender<T> {
         if last == NO_IN_PLACE {
             return None;
         }
-        // Room for the last size and a quarter more; a message that outgrows it is encoded
-        // into a buffer once, and its size becomes the next estimate.
-        let estimate = (last + last / 4 + 64).next_multiple_of(16);
+        // Room for the last size and an eighth more (every byte reserved is a byte the
+        // receiver's cache must fetch); a message that outgrows it is encoded into a buffer
+        // once, and its size becomes the next estimate.
+        let estimate = (last + last / 8).next_multiple_of(16).max(64);
         let mut wrote = 0;
         let sent = self.core.send_in_place(estimate, wait, &mut |at, cap| {
             // SAFETY: the transport hands out `at..at + cap` as an unpublished, 16-byte aligned

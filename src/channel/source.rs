@@ -8,6 +8,7 @@
 
 use std::any::Any;
 use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
 
 use super::inbox::{Entry, Inbox, PushError, Wait};
 use crate::message::Packet;
@@ -108,6 +109,16 @@ pub(crate) trait Outlet: Send + Sync {
         None
     }
 
+    /// Reserves `len` bytes in the transport's buffer (a ring record) for the caller to write
+    /// and then [`LoanSlot::commit`], if this channel has one; `None` otherwise.
+    fn loan(
+        self: Arc<Self>,
+        _len: usize,
+        _wait: Wait,
+    ) -> Option<Result<Box<dyn LoanSlot>, PushError>> {
+        None
+    }
+
     /// Largest archive the session accepts.
     fn max_message(&self) -> usize;
 
@@ -118,8 +129,23 @@ pub(crate) trait Outlet: Send + Sync {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// Space reserved in a transport's buffer by [`Outlet::loan`]. Dropping it uncommitted gives
+/// the space back unsent.
+pub(crate) trait LoanSlot: Send {
+    /// Start of the space: 16-byte aligned, valid for writes of [`len`](Self::len) bytes, read
+    /// by nobody until committed.
+    fn as_mut_ptr(&mut self) -> *mut u8;
+
+    /// [`as_mut_ptr`](Self::as_mut_ptr), for reading back what was written.
+    fn as_ptr(&self) -> *const u8;
+
+    /// Publishes the first `n` bytes as one message.
+    fn commit(self: Box<Self>, n: usize);
+}
+
 /// Where the credit of a message received from a session goes back.
 pub(crate) trait CreditSink: Send + Sync {
-    /// The application consumed (received, forwarded or dropped) `packet`.
-    fn consumed(&self, packet: &Packet);
+    /// The application consumed (received, forwarded or dropped) a message whose frame body
+    /// was `body_len` bytes (see [`Entry::body_len`]).
+    fn consumed(&self, body_len: usize);
 }

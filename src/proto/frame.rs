@@ -55,6 +55,9 @@ pub(crate) enum Kind {
     /// Shared-memory sessions only: from now on the writer sends `chan`'s messages through the
     /// ring in the one memfd this frame carries; body: `u64` ring capacity in bytes.
     Ring = 9,
+    /// Shared-memory sessions only: `chan`'s next message is the archive in the one sealed
+    /// memfd this frame carries; body: `u64` archive length.
+    Blob = 10,
 }
 
 impl Kind {
@@ -70,6 +73,7 @@ impl Kind {
             7 => Self::Pong,
             8 => Self::GoAway,
             9 => Self::Ring,
+            10 => Self::Blob,
             _ => return None,
         })
     }
@@ -146,7 +150,7 @@ impl Header {
         let kind = Kind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind(kind_byte))?;
 
         let len_ok = match kind {
-            Kind::Open | Kind::Ping | Kind::Pong | Kind::Ring => len == 8,
+            Kind::Open | Kind::Ping | Kind::Pong | Kind::Ring | Kind::Blob => len == 8,
             Kind::Close | Kind::Credit => len == 0,
             Kind::Reset | Kind::GoAway => len as usize <= MAX_TEXT,
             // `arg <= MAX_HANDLES` is checked below, so this cannot overflow.
@@ -161,8 +165,8 @@ impl Header {
         if (chan != 0) != kind.is_channel_frame() {
             return Err(DecodeError::BadChannel { kind, chan });
         }
-        if kind == Kind::Ring {
-            // Exactly the ring's memfd, and no handle count.
+        if matches!(kind, Kind::Ring | Kind::Blob) {
+            // Exactly the memfd, and no handle count.
             if nfds != 1 || arg != 0 {
                 return Err(DecodeError::FdCountMismatch {
                     nfds,
@@ -411,6 +415,15 @@ pub(crate) fn parse_ring(body: &[u8]) -> Result<u64, DecodeError> {
     exact_u64(Kind::Ring, body)
 }
 
+/// The archive length in a BLOB body.
+///
+/// # Errors
+///
+/// [`DecodeError::BadBodyLength`] unless the body is exactly 8 bytes.
+pub(crate) fn parse_blob(body: &[u8]) -> Result<u64, DecodeError> {
+    exact_u64(Kind::Blob, body)
+}
+
 /// Splits a DATA body into its validated handle descriptors and the archive payload.
 ///
 /// # Errors
@@ -529,6 +542,15 @@ pub(crate) fn encode_ring(out: &mut Vec<u8>, chan: u32, capacity: u64) {
     h.nfds = 1;
     out.extend_from_slice(&h.encode());
     out.extend_from_slice(&capacity.to_le_bytes());
+}
+
+/// Appends a BLOB frame for `chan`: its next message is the `len`-byte archive in the sealed
+/// memfd that goes with the write, as its one fd.
+pub(crate) fn encode_blob(out: &mut Vec<u8>, chan: u32, len: u64) {
+    let mut h = Header::new(Kind::Blob, chan, 0, 8);
+    h.nfds = 1;
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&len.to_le_bytes());
 }
 
 /// Appends a CLOSE frame for `chan`.
@@ -793,8 +815,8 @@ mod tests {
         let mut bytes = Header::new(Kind::Open, 1, 0, 8).encode();
         bytes[4] = 0;
         assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(0)));
-        bytes[4] = 10;
-        assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(10)));
+        bytes[4] = 11;
+        assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(11)));
 
         for (kind, len) in [
             (Kind::Open, 7),

@@ -690,25 +690,19 @@ impl<R: Memory> Grant<'_, R> {
     ///
     /// If `n > len()`.
     pub(crate) fn commit_len(self, n: usize) {
-        assert!(
-            n <= self.len,
-            "commit of {n} bytes of a {}-byte grant",
-            self.len
-        );
         let grant = ManuallyDrop::new(self);
-        let rest = record_size(grant.len) - record_size(n);
-        if rest > 0 {
-            let ring = &grant.producer.ring;
-            let off = ring.offset(grant.pos) + record_size(n);
-            // Relaxed: published by the Release store of the commit word in `publish` below,
-            // which the consumer loads with Acquire before it moves on to this word. `rest` is
-            // a positive multiple of 16 below 2^30, and the padding ends where the grant ended,
-            // inside the data area.
-            ring.word(off)
-                .store(TAG_PAD | rest as u32, Ordering::Relaxed);
+        grant.producer.ring.commit_len(grant.pos, grant.len, n);
+    }
+
+    /// Lets go of the producer's borrow, keeping the reservation: more records can be reserved
+    /// behind it while it is written. The consumer stops at it until it is finished with
+    /// [`Producer::commit_detached`] or [`Producer::abandon_detached`].
+    pub(crate) fn detach(self) -> Detached {
+        let grant = ManuallyDrop::new(self);
+        Detached {
+            pos: grant.pos,
+            len: grant.len,
         }
-        // `n <= len <= max_len < 2^30`, so it fits in the length bits.
-        grant.publish(TAG_DATA | n as u32);
     }
 
     fn publish(&self, word: u32) {
@@ -729,6 +723,50 @@ impl<R: Region> Grant<'_, R> {
     /// them when the consumer is another process, which may write them regardless.
     pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
         self.producer.ring.payload(self.pos)
+    }
+}
+
+/// A reservation detached from its producer (see [`Grant::detach`]).
+#[derive(Debug)]
+pub(crate) struct Detached {
+    pos: u64,
+    len: usize,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl Detached {
+    /// Payload length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl<R: Memory> Producer<R> {
+    /// Publishes the first `n` bytes of a detached reservation, as [`Grant::commit_len`].
+    ///
+    /// # Panics
+    ///
+    /// If `n > d.len()`.
+    pub(crate) fn commit_detached(&self, d: Detached, n: usize) {
+        self.ring.commit_len(d.pos, d.len, n);
+    }
+
+    /// Turns a detached reservation into padding, as dropping a [`Grant`] does.
+    pub(crate) fn abandon_detached(&self, d: Detached) {
+        let off = self.ring.offset(d.pos);
+        // Release: as in `Grant::publish`. A record is at most half a capacity, below 2^30.
+        self.ring
+            .word(off)
+            .store(TAG_PAD | record_size(d.len) as u32, Ordering::Release);
+    }
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl<R: Region> Producer<R> {
+    /// The start of a detached reservation's payload, as [`Grant::as_mut_ptr`].
+    pub(crate) fn detached_ptr(&self, d: &Detached) -> *mut u8 {
+        self.ring.payload(d.pos)
     }
 }
 
@@ -1203,6 +1241,31 @@ impl<R: Memory> Ring<R> {
     fn max_len(&self) -> usize {
         self.cap / 2 - RECORD_HEADER
     }
+
+    /// Publishes the first `n` bytes of the `len`-byte reservation at `pos`; the rest, if it
+    /// spans at least one 16-byte unit, becomes a padding record, written before the commit
+    /// word is published so a consumer that sees the commit sees the padding.
+    ///
+    /// # Panics
+    ///
+    /// If `n > len`.
+    fn commit_len(&self, pos: u64, len: usize, n: usize) {
+        assert!(n <= len, "commit of {n} bytes of a {len}-byte grant");
+        let rest = record_size(len) - record_size(n);
+        if rest > 0 {
+            let off = self.offset(pos) + record_size(n);
+            // Relaxed: published by the Release store of the commit word below, which the
+            // consumer loads with Acquire before it moves on to this word. `rest` is a positive
+            // multiple of 16 below 2^30, and the padding ends where the grant ended, inside the
+            // data area.
+            self.word(off)
+                .store(TAG_PAD | rest as u32, Ordering::Relaxed);
+        }
+        // Release: pairs with the Acquire load of the commit word in `Consumer::scan`, so the
+        // payload is visible to a consumer that sees the word. `n <= len <= max_len < 2^30`.
+        self.word(self.offset(pos))
+            .store(TAG_DATA | n as u32, Ordering::Release);
+    }
 }
 
 #[cfg_attr(not(test), allow(dead_code))]
@@ -1659,6 +1722,37 @@ mod tests {
     }
 
     // Partial commits.
+
+    #[test]
+    fn detached_reservations_hold_their_place() {
+        let (mut p, mut c) = pair(256);
+        let mut grant = p.reserve(40).unwrap().unwrap();
+        grant.write(&payload(1, 40));
+        let first = grant.detach();
+        assert_eq!(first.len(), 40);
+        assert!(
+            push(&mut p, &payload(2, 8)),
+            "reserved behind the detached one"
+        );
+        let dropped = p.reserve(24).unwrap().unwrap().detach();
+        assert!(push(&mut p, &payload(3, 8)));
+        assert_eq!(
+            c.pop(),
+            Ok(None),
+            "the consumer waits at the unfinished one"
+        );
+        p.commit_detached(first, 33);
+        assert_eq!(pop_vec(&mut c).unwrap(), payload(1, 33));
+        assert_eq!(pop_vec(&mut c).unwrap(), payload(2, 8));
+        assert_eq!(c.pop(), Ok(None));
+        p.abandon_detached(dropped);
+        assert_eq!(
+            pop_vec(&mut c).unwrap(),
+            payload(3, 8),
+            "abandoned: skipped"
+        );
+        assert_eq!(c.pop(), Ok(None));
+    }
 
     #[test]
     fn commit_len_pads_the_unused_rest() {

@@ -8,11 +8,12 @@ use std::thread::{self, Thread};
 use super::conn::Conn;
 use super::shm::{RingIn, RingOut, RingWriteError, TAG_MESSAGE, TAG_ON_SOCKET};
 use crate::channel::{
-    CreditSink, Drive, Feed, Inbox, Outlet, PopError, PushError, RecvCore, SendCore, Wait,
+    CreditSink, Drive, Feed, Inbox, LoanSlot, Outlet, PopError, PushError, RecvCore, SendCore, Wait,
 };
 use crate::message::Packet;
 use crate::proto::credit::{data_cost, RecvWindow, SendCredit};
 use crate::proto::frame;
+use crate::ring::spsc::Detached;
 
 /// A channel the peer sends on: its inbox and its receive window.
 pub(crate) struct InChan {
@@ -51,8 +52,8 @@ impl InChan {
 impl CreditSink for InChan {
     /// The application consumed `packet` (received it, forwarded it, or dropped it unread):
     /// grant its credit back, in batches of half a window.
-    fn consumed(&self, packet: &Packet) {
-        let cost = data_cost(packet.handles.len() * 16 + packet.bytes.len());
+    fn consumed(&self, body_len: usize) {
+        let cost = data_cost(body_len);
         let grant = self
             .window
             .lock()
@@ -78,6 +79,54 @@ pub(crate) struct OutChan {
     /// The ring's "producer parked" word, for waking a sender when the channel ends. Points
     /// into the mapping `ring` owns, which lives as long as `self`.
     room_word: AtomicPtr<AtomicU32>,
+}
+
+/// A loan on a channel's ring: a detached reservation, finished on commit or drop.
+struct RingLoan {
+    chan: Arc<OutChan>,
+    reserved: Option<Detached>,
+    at: *mut u8,
+    len: usize,
+}
+
+// SAFETY: `at` points into the ring mapping `chan` keeps alive, at a record reserved for this
+// loan alone; moving the loan to another thread moves that exclusive access with it.
+unsafe impl Send for RingLoan {}
+
+impl RingLoan {
+    fn finish(&mut self, n: Option<usize>) {
+        let Some(reserved) = self.reserved.take() else {
+            return;
+        };
+        let ring = self.chan.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if let RingState::Ready(out) = &*ring {
+            match n {
+                Some(n) => out.commit_loan(reserved, n),
+                None => out.abandon_loan(reserved),
+            }
+        }
+    }
+}
+
+impl LoanSlot for RingLoan {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.at
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        self.at
+    }
+
+    fn commit(mut self: Box<Self>, n: usize) {
+        assert!(n <= self.len, "loan commit past its end");
+        self.finish(Some(n));
+    }
+}
+
+impl Drop for RingLoan {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
 }
 
 /// What [`OutChan::send_shm`] did.
@@ -167,9 +216,9 @@ impl OutChan {
             return ShmSend::NoRing;
         };
         let stop = || self.is_disconnected();
-        let seq = self.conn.next_seq();
+        let stamp = self.conn.next_stamp();
         let write = |out: &mut RingOut, tag, bytes: &[u8], wait| match out
-            .write(tag, seq, bytes, wait, &stop)
+            .write(tag, stamp, bytes, wait, &stop)
         {
             Ok(()) => Ok(()),
             Err(RingWriteError::Push(e)) => Err(e),
@@ -181,17 +230,27 @@ impl OutChan {
         if packet.handles.is_empty() && out.fits(packet.bytes.len()) {
             return ShmSend::Done(write(out, TAG_MESSAGE, &packet.bytes, wait));
         }
-        // Handles or a large archive: the message goes on the socket, and a tag in the ring
-        // keeps its place. Credit first, so that once the tag is written the frame follows.
+        // Handles or a large archive: the message goes on the socket (a large archive in a
+        // sealed memfd), and a tag in the ring keeps its place. Credit first, so that once the
+        // tag is written the frame follows.
         let cost = data_cost(packet.handles.len() * 16 + packet.bytes.len());
         if let Err(e) = self.take_credit(cost, wait) {
             return ShmSend::Done(Err(e));
         }
+        let blob = if packet.handles.is_empty() {
+            // No memfd (out of fds or memory): the socket carries it as a DATA frame.
+            super::blob::make(&packet.bytes).ok()
+        } else {
+            None
+        };
         if let Err(e) = write(out, TAG_ON_SOCKET, &[], wait) {
             self.grant(cost.min(u64::from(u32::MAX)) as u32);
             return ShmSend::Done(Err(e));
         }
-        ShmSend::Tagged
+        match blob {
+            Some(fd) => ShmSend::Done(self.conn.send_blob(self.id, packet.bytes.len(), fd)),
+            None => ShmSend::Tagged,
+        }
     }
 
     fn make_ring(&self) -> RingState {
@@ -301,11 +360,48 @@ impl Outlet for OutChan {
         if estimate > out.max_archive() {
             return None;
         }
-        let seq = self.conn.next_seq();
+        let stamp = self.conn.next_stamp();
         let stop = || self.is_disconnected();
-        match out.write_in_place(seq, estimate, wait, &stop, encode) {
+        match out.write_in_place(stamp, estimate, wait, &stop, encode) {
             Ok(true) => Some(Ok(())),
             Ok(false) => None,
+            Err(RingWriteError::Push(e)) => Some(Err(e)),
+            Err(RingWriteError::Corrupt(c)) => {
+                self.conn.fail(&format!("peer broke a channel's ring: {c}"));
+                Some(Err(PushError::Disconnected))
+            }
+        }
+    }
+
+    fn loan(
+        self: Arc<Self>,
+        len: usize,
+        wait: Wait,
+    ) -> Option<Result<Box<dyn LoanSlot>, PushError>> {
+        if !self.conn.shm() {
+            return None;
+        }
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if let RingState::Unset = *ring {
+            *ring = self.make_ring();
+        }
+        let RingState::Ready(out) = &mut *ring else {
+            return None;
+        };
+        if len > out.max_archive() {
+            return None;
+        }
+        let stamp = self.conn.next_stamp();
+        let stop = || self.is_disconnected();
+        let loaned = out.loan(stamp, len, wait, &stop);
+        drop(ring);
+        match loaned {
+            Ok((reserved, at)) => Some(Ok(Box::new(RingLoan {
+                chan: self,
+                reserved: Some(reserved),
+                at,
+                len,
+            }))),
             Err(RingWriteError::Push(e)) => Some(Err(e)),
             Err(RingWriteError::Corrupt(c)) => {
                 self.conn.fail(&format!("peer broke a channel's ring: {c}"));
@@ -344,7 +440,7 @@ pub(crate) fn spawn_proxy(rx: RecvCore, tx: SendCore) {
             match rx.pop(Wait::Forever) {
                 Ok(entry) => {
                     if let Some(c) = &entry.credit {
-                        c.consumed(&entry.packet);
+                        c.consumed(entry.body_len());
                     }
                     if tx.send(entry.into_packet(), Wait::Forever).is_err() {
                         return;

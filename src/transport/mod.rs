@@ -10,8 +10,10 @@
 //!
 //! Between two processes of the same uid, a unix session moves its messages through shared
 //! memory (`shm`, see [`shm`]) unless [`Options::shm`] turns it off; the socket then carries
-//! control only.
+//! control only. [`Trust::Untrusted`] extends shared memory to peers of any uid, copying every
+//! message out of the ring before it is validated.
 
+mod blob;
 mod chan;
 mod conn;
 mod shm;
@@ -42,12 +44,56 @@ use crate::proto::handshake::{Features, Limits};
 #[derive(Debug, Clone)]
 pub struct Options {
     shm: bool,
+    trust: Trust,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { shm: true }
+        Self {
+            shm: true,
+            trust: Trust::default(),
+        }
     }
+}
+
+/// How far a session trusts its peer with shared memory (see docs/SECURITY.md, "Shared
+/// memory").
+///
+/// A message that arrives through a shared-memory ring lives in pages the peer can still write.
+/// With [`SameUid`](Trust::SameUid) (the default) it is validated and read in place, which is
+/// sound only if the peer does not rewrite it meanwhile: shared memory is then used only with
+/// peers of this process's own uid, which could write this process's memory anyway.
+/// With [`Untrusted`](Trust::Untrusted) every ring message is first copied into a private
+/// buffer, and only the copy is validated and read: shared memory is then safe with peers of
+/// any uid, and is offered to all of them.
+///
+/// Each side decides for itself, and shared memory needs both: a session between two uids runs
+/// on shared memory only when *both* sides use `Untrusted` (a default side never offers shared
+/// memory to a peer of another uid).
+///
+/// ```
+/// use libchan::{Options, Session, Transport, Trust};
+///
+/// let opts = Options::new().trust(Trust::Untrusted);
+/// let (a, b) = Session::pair_with(&opts).unwrap();
+/// assert_eq!(a.transport(), Transport::Shm);
+/// let tx = a.open_channel::<String>().unwrap();
+/// tx.send("copied out of the ring".to_string()).unwrap();
+/// let rx = b.accept_channel::<String>().unwrap();
+/// // This message was copied out of the ring before it was validated.
+/// assert_eq!(rx.recv().unwrap().as_str(), "copied out of the ring");
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Trust {
+    /// Shared memory only with peers of this process's uid; ring messages are validated and
+    /// read in place (no copy). The default.
+    #[default]
+    SameUid,
+    /// Shared memory with peers of any uid (same uid included); every ring message is copied
+    /// out of the ring into a private aligned buffer before it is validated, and the message
+    /// reads that copy. The peer can then change nothing this process has validated.
+    Untrusted,
 }
 
 impl Options {
@@ -57,9 +103,18 @@ impl Options {
     }
 
     /// Whether a unix session may move messages through shared memory (both sides must allow
-    /// it, and the peer must have this process's uid). On by default.
+    /// it, and the peer must have this process's uid unless [`Options::trust`] says
+    /// [`Trust::Untrusted`]). On by default.
     pub fn shm(mut self, on: bool) -> Self {
         self.shm = on;
+        self
+    }
+
+    /// How far to trust the peer with shared memory: [`Trust::SameUid`] by default. With
+    /// [`Trust::Untrusted`], shared memory is offered to peers of any uid and every message
+    /// read from a ring is copied out before validation. Has no effect with `shm(false)`.
+    pub fn trust(mut self, trust: Trust) -> Self {
+        self.trust = trust;
         self
     }
 
@@ -82,7 +137,8 @@ pub enum Transport {
     /// A unix stream socket carrying frames, with fds passed by SCM_RIGHTS.
     Unix,
     /// Shared memory: a ring per channel in memfds both processes map, with a unix socket for
-    /// control and fds. Chosen automatically between processes of the same uid.
+    /// control and fds. Chosen automatically between processes of the same uid, and between
+    /// any two processes that both use [`Trust::Untrusted`].
     Shm,
 }
 
@@ -239,7 +295,7 @@ impl Session {
     ///
     /// As [`Session::pair`].
     pub fn pair_with(opts: &Options) -> Result<(Session, Session), Error> {
-        let (a, b) = conn::pair(opts.limits())?;
+        let (a, b) = conn::pair(opts.limits(), opts.trust)?;
         Ok((Session { conn: a }, Session { conn: b }))
     }
 
@@ -268,6 +324,7 @@ impl Session {
             stream,
             role == Role::Connector,
             opts.limits(),
+            opts.trust,
             HANDSHAKE_TIMEOUT,
         )?;
         Ok(Session { conn })

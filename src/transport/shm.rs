@@ -34,7 +34,7 @@ use super::conn::Conn;
 use crate::channel::{Entry, Lane, LanePop, PushError, Wait};
 use crate::message::{Bytes, Lender, Lent, Packet};
 use crate::ring::shm::ShmRegion;
-use crate::ring::spsc::{region_len, Consumer, Producer, Record};
+use crate::ring::spsc::{region_len, Consumer, Detached, Producer, Record};
 use crate::ring::Corrupt;
 use crate::sys::{futex_wait, futex_wake};
 
@@ -78,7 +78,7 @@ impl RingOut {
     pub(crate) fn write(
         &mut self,
         tag: u32,
-        seq: u64,
+        stamp: Stamp,
         bytes: &[u8],
         wait: Wait,
         stop: &dyn Fn() -> bool,
@@ -87,7 +87,7 @@ impl RingOut {
         self.wait_room(len, wait, stop)?;
         match self.prod.reserve(len) {
             Ok(Some(mut grant)) => {
-                grant.write_at(0, &tag_bytes(tag, seq));
+                grant.write_at(0, &tag_bytes(tag, stamp));
                 grant.write_at(TAG_LEN, bytes);
                 grant.commit();
             }
@@ -106,7 +106,7 @@ impl RingOut {
     /// then dropped (the consumer skips it) and this returns `Ok(false)`.
     pub(crate) fn write_in_place(
         &mut self,
-        seq: u64,
+        stamp: Stamp,
         estimate: usize,
         wait: Wait,
         stop: &dyn Fn() -> bool,
@@ -116,7 +116,7 @@ impl RingOut {
         self.wait_room(len, wait, stop)?;
         let wrote = match self.prod.reserve(len) {
             Ok(Some(mut grant)) => {
-                grant.write_at(0, &tag_bytes(TAG_MESSAGE, seq));
+                grant.write_at(0, &tag_bytes(TAG_MESSAGE, stamp));
                 let cap = grant.len() - TAG_LEN;
                 let at = grant.as_mut_ptr().wrapping_add(TAG_LEN);
                 match encode(at, cap) {
@@ -135,6 +135,40 @@ impl RingOut {
             self.wake_consumer();
         }
         Ok(wrote)
+    }
+
+    /// Reserves a record for a loan of `len` archive bytes (waiting for room as `wait`
+    /// allows) and detaches it, so the channel's other senders can go on behind it.
+    pub(crate) fn loan(
+        &mut self,
+        stamp: Stamp,
+        len: usize,
+        wait: Wait,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(Detached, *mut u8), RingWriteError> {
+        let total = TAG_LEN + len;
+        self.wait_room(total, wait, stop)?;
+        let mut grant = match self.prod.reserve(total) {
+            Ok(Some(grant)) => grant,
+            Ok(None) => unreachable!("room vanished under the only producer"),
+            Err(c) => return Err(RingWriteError::Corrupt(c)),
+        };
+        grant.write_at(0, &tag_bytes(TAG_MESSAGE, stamp));
+        let d = grant.detach();
+        let at = self.prod.detached_ptr(&d).wrapping_add(TAG_LEN);
+        Ok((d, at))
+    }
+
+    /// Publishes a loan's first `n` archive bytes.
+    pub(crate) fn commit_loan(&self, d: Detached, n: usize) {
+        self.prod.commit_detached(d, TAG_LEN + n);
+        self.wake_consumer();
+    }
+
+    /// Gives a loan's record back unsent (the receiver skips it).
+    pub(crate) fn abandon_loan(&self, d: Detached) {
+        self.prod.abandon_detached(d);
+        self.wake_consumer();
     }
 
     /// The largest archive that fits one record.
@@ -196,12 +230,29 @@ impl RingOut {
     }
 }
 
-/// A record's 16-byte tag: kind, zero, sequence number.
-fn tag_bytes(tag: u32, seq: u64) -> [u8; TAG_LEN] {
+/// Where a record stands in its sender's order: the session-wide sequence number, and how
+/// many rings the sender had announced on the session when it wrote the record.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stamp {
+    pub(crate) seq: u64,
+    pub(crate) rings: u32,
+}
+
+/// A record's 16-byte tag: kind, rings announced, sequence number.
+fn tag_bytes(tag: u32, stamp: Stamp) -> [u8; TAG_LEN] {
     let mut head = [0u8; TAG_LEN];
     head[..4].copy_from_slice(&tag.to_le_bytes());
-    head[8..].copy_from_slice(&seq.to_le_bytes());
+    head[4..8].copy_from_slice(&stamp.rings.to_le_bytes());
+    head[8..].copy_from_slice(&stamp.seq.to_le_bytes());
     head
+}
+
+/// The rings-announced count in a record's tag (0 for a record too short to have one).
+fn tag_rings(bytes: &[u8]) -> u32 {
+    bytes
+        .get(4..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
 }
 
 /// Why [`RingOut::write`] failed.
@@ -235,6 +286,9 @@ pub(crate) struct RingIn {
     conn: Weak<Conn>,
     /// Identifies the session, whose sequence numbers are comparable with each other.
     session: usize,
+    /// RING frames the session dispatched: a record stamped with more waits (see
+    /// `Conn::rings_seen`).
+    rings_seen: Arc<std::sync::atomic::AtomicU32>,
     state: Mutex<InState>,
     /// The ring's "consumer parked" word. Points into the mapping `state` keeps alive.
     word: *const AtomicU32,
@@ -243,6 +297,9 @@ pub(crate) struct RingIn {
     /// The session ended.
     dead: AtomicBool,
     finished: AtomicBool,
+    /// The peer is not trusted (`Trust::Untrusted`): besides copying records out, local events
+    /// wake a sleeping receiver whatever the shared parked word says (the peer can clear it).
+    untrusted: bool,
 }
 
 // SAFETY: `word` points into the shared mapping owned by `state`'s consumer, which lives as long
@@ -262,6 +319,23 @@ struct InState {
     on_socket_seq: VecDeque<u64>,
     /// DATA frames that arrived on the socket for this channel, in order.
     socket: VecDeque<Entry>,
+    /// Copy-out mode (`Trust::Untrusted`): records are copied out of the ring and released
+    /// before anything in them is looked at; their bytes are never read in place.
+    copy_out: bool,
+    /// In copy-out mode, the next record, already copied out and released (by `order`, which
+    /// needs its sequence number before `try_pop` takes it).
+    staged: Option<Staged>,
+}
+
+/// A record copied out of the ring (copy-out mode): its tag, and the payload after the tag in
+/// a private 16-byte aligned buffer.
+struct Staged {
+    /// The record's kind, or 0 (unknown, reported as corrupt) if it is too short for a tag.
+    tag: u32,
+    /// Rings its sender had announced when writing it.
+    rings: u32,
+    seq: u64,
+    bytes: Bytes,
 }
 
 impl RingIn {
@@ -270,22 +344,27 @@ impl RingIn {
         // SAFETY: this process attaches exactly one consumer per RING frame, and the peer's
         // protocol attaches none (it produces); a peer that breaks this only hurts its own ring.
         let cons = unsafe { Consumer::attach(region) }?;
+        let copy_out = conn.copy_out();
         let word: *const AtomicU32 = cons.data_word();
         Ok(Arc::new_cyclic(|me| RingIn {
             me: me.clone(),
             conn: Arc::downgrade(conn),
             session: Arc::as_ptr(conn) as usize,
+            rings_seen: conn.rings_seen().clone(),
             state: Mutex::new(InState {
                 cons,
                 outstanding: VecDeque::new(),
                 on_socket: 0,
                 on_socket_seq: VecDeque::new(),
                 socket: VecDeque::new(),
+                copy_out,
+                staged: None,
             }),
             word,
             closed: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            untrusted: copy_out,
         }))
     }
 
@@ -326,6 +405,63 @@ impl RingIn {
         if let Some(conn) = self.conn.upgrade() {
             conn.fail(&format!("peer broke a channel's ring: {c}"));
         }
+    }
+
+    /// Copy-out mode: the next record, copied out of the ring and released at once (so the
+    /// peer may reuse its room), or the one `order` staged. `Ok(None)` when the ring is empty.
+    ///
+    /// The copy is made with `Consumer::copy_to`, which forms no reference over the shared
+    /// bytes; whatever the peer writes there afterwards cannot change it.
+    fn stage(st: &mut InState) -> Result<Option<Staged>, Corrupt> {
+        if let Some(s) = st.staged.take() {
+            return Ok(Some(s));
+        }
+        let Some(rec) = st.cons.peek()? else {
+            return Ok(None);
+        };
+        st.cons.consume(rec);
+        let mut bytes = Bytes::with_capacity(rec.len());
+        bytes.resize(rec.len(), 0);
+        st.cons.copy_to(rec, &mut bytes);
+        st.outstanding.push_back((rec, true));
+        Self::sweep(st);
+        if bytes.len() < TAG_LEN {
+            return Ok(Some(Staged {
+                tag: 0,
+                rings: 0,
+                seq: 0,
+                bytes: Bytes::new(),
+            }));
+        }
+        let tag = bytes
+            .first_chunk::<4>()
+            .map_or(0, |t| u32::from_le_bytes(*t));
+        let seq = tag_seq(&bytes);
+        let rings = tag_rings(&bytes);
+        // The archive starts at offset 0 of the buffer, which keeps it 16-byte aligned.
+        let len = bytes.len() - TAG_LEN;
+        bytes.copy_within(TAG_LEN.., 0);
+        bytes.resize(len, 0);
+        Ok(Some(Staged {
+            tag,
+            rings,
+            seq,
+            bytes,
+        }))
+    }
+
+    /// Whether a record stamped with `rings` must wait: its sender had announced rings this
+    /// session has not dispatched yet, and a message on one of them may come before it. If so,
+    /// asks to be woken when the next one is dispatched.
+    fn held_back(&self, rings: u32) -> bool {
+        if rings <= self.rings_seen.load(Ordering::Acquire) {
+            return false;
+        }
+        if let Some(conn) = self.conn.upgrade() {
+            conn.wait_for_rings(self.me.clone());
+        }
+        // Dispatched meanwhile: the wake-up may have gone before the registration.
+        rings > self.rings_seen.load(Ordering::Acquire)
     }
 
     /// Releases every leading record that is done, and wakes a sender waiting for room.
@@ -376,6 +512,52 @@ impl Lane for RingIn {
                 }
                 return LanePop::Empty;
             }
+            if st.copy_out {
+                let staged = match Self::stage(&mut st) {
+                    Ok(Some(s)) if self.held_back(s.rings) => {
+                        st.staged = Some(s);
+                        return LanePop::Empty;
+                    }
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        if closed {
+                            break;
+                        }
+                        return LanePop::Empty;
+                    }
+                    Err(c) => {
+                        drop(st);
+                        self.corrupt(c);
+                        self.finished.store(true, Ordering::Release);
+                        return LanePop::Done;
+                    }
+                };
+                match staged.tag {
+                    TAG_MESSAGE => {
+                        drop(st);
+                        // A private copy, like a message that came on the socket.
+                        return LanePop::Entry(Entry {
+                            packet: Packet {
+                                bytes: staged.bytes,
+                                handles: Vec::new(),
+                            },
+                            credit: None,
+                            lent: None,
+                        });
+                    }
+                    TAG_ON_SOCKET => {
+                        st.on_socket += 1;
+                        st.on_socket_seq.push_back(staged.seq);
+                        continue;
+                    }
+                    _ => {
+                        drop(st);
+                        self.corrupt(Corrupt::new("unknown record tag"));
+                        self.finished.store(true, Ordering::Release);
+                        return LanePop::Done;
+                    }
+                }
+            }
             let rec = match st.cons.peek() {
                 Ok(Some(rec)) => rec,
                 Ok(None) => {
@@ -391,9 +573,15 @@ impl Lane for RingIn {
                     return LanePop::Done;
                 }
             };
+            // SAFETY: not copy-out mode, so a trusted same-uid producer (as below).
+            let rings = tag_rings(unsafe { st.cons.bytes(rec) });
+            if self.held_back(rings) {
+                return LanePop::Empty;
+            }
             st.cons.consume(rec);
-            // SAFETY: the producer is a same-uid libchan peer (the SHM feature is only
-            // negotiated with one), trusted to follow the ring protocol.
+            // SAFETY: not copy-out mode, so the producer is a same-uid libchan peer (with
+            // `Trust::SameUid` the SHM feature is only negotiated with one), trusted to follow
+            // the ring protocol.
             let bytes = unsafe { st.cons.bytes(rec) };
             let tag = bytes
                 .first_chunk::<4>()
@@ -444,8 +632,21 @@ impl Lane for RingIn {
         }
         match self.state.try_lock() {
             Ok(mut st) => {
-                (st.on_socket > 0 && !st.socket.is_empty())
-                    || (st.on_socket == 0 && !matches!(st.cons.peek(), Ok(None)))
+                if st.on_socket > 0 {
+                    return !st.socket.is_empty();
+                }
+                let seen = self.rings_seen.load(Ordering::Acquire);
+                if let Some(s) = &st.staged {
+                    return s.rings <= seen;
+                }
+                match st.cons.peek() {
+                    Ok(None) => false,
+                    // Copy-out mode never reads the ring in place: `try_pop` will look.
+                    Ok(Some(_)) if st.copy_out => true,
+                    // SAFETY: not copy-out mode: a trusted same-uid producer.
+                    Ok(Some(rec)) => tag_rings(unsafe { st.cons.bytes(rec) }) <= seen,
+                    Err(_) => true,
+                }
             }
             Err(_) => true,
         }
@@ -460,18 +661,30 @@ impl Lane for RingIn {
         if let Some(&seq) = st.on_socket_seq.front() {
             return Some((self.session, seq));
         }
+        if st.copy_out {
+            // Never read in place: copy the next record out now, for `try_pop` to take.
+            // A corrupt ring stays corrupt, so `try_pop` reports it.
+            if st.staged.is_none() {
+                st.staged = Self::stage(&mut st).ok()?;
+            }
+            return st.staged.as_ref().map(|s| (self.session, s.seq));
+        }
         let rec = st.cons.peek().ok()??;
-        // SAFETY: as in `try_pop`: a trusted same-uid producer.
+        // SAFETY: as in `try_pop`: not copy-out mode, so a trusted same-uid producer.
         let bytes = unsafe { st.cons.bytes(rec) };
         Some((self.session, tag_seq(bytes)))
     }
 
     fn discard(&self) {
         self.finished.store(true, Ordering::Release);
-        let dropped = std::mem::take(&mut self.lock().socket);
+        let dropped = {
+            let mut st = self.lock();
+            st.staged = None;
+            std::mem::take(&mut st.socket)
+        };
         for e in dropped {
             if let Some(c) = &e.credit {
-                c.consumed(&e.packet);
+                c.consumed(e.body_len());
             }
         }
     }
@@ -494,7 +707,9 @@ impl Lane for RingIn {
         // SeqCst fence: pairs with the one in `park_prepare` (the event this wakes for was
         // published before it).
         fence(Ordering::SeqCst);
-        if word.load(Ordering::Relaxed) != 0 {
+        // An untrusted peer can zero the word under a sleeping receiver; the wake for a local
+        // event (above all the session's end) must not depend on it.
+        if word.load(Ordering::Relaxed) != 0 || self.untrusted {
             word.store(0, Ordering::Relaxed);
             let _ = futex_wake(word, 1);
         }

@@ -56,6 +56,7 @@ macro_rules! conformance {
             robust::c23_limit_violation_goaway_reason,
             robust::c26_try_send_fills_then_drains,
             robust::c26_blocking_send_waits_for_receiver,
+            robust::c27_loans_arrive_in_order,
         );
     };
     (@cases $name:ident, $transport:ty;

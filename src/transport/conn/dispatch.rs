@@ -5,6 +5,7 @@ use std::io::IoSlice;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use super::super::blob::Blob;
 use super::super::chan::{InChan, OutChan};
 use super::super::shm::{RingIn, RING_CAPACITY};
 use crate::channel::{CreditSink, Entry, Handle, Inbox, RecvCore, SendCore, DEFAULT_CAPACITY};
@@ -105,6 +106,7 @@ impl Conn {
                 Ok(())
             }
             Kind::Ring => self.dispatch_ring(header.chan, body, fds),
+            Kind::Blob => self.dispatch_blob(header.chan, body, fds),
             Kind::Reset => {
                 frame::parse_reset(&header, body)?;
                 if let Some(o) = self.outbound(header.chan) {
@@ -222,13 +224,20 @@ impl Conn {
         drop(t);
         if let Some(entry) = refused {
             // Nobody receives any more: return the credit and close the handles.
-            inchan.consumed(&entry.packet);
+            inchan.consumed(entry.body_len());
         }
         Ok(())
     }
 
     /// A RING frame: from now on the peer sends `chan`'s messages through the ring in `fds`.
     fn dispatch_ring(&self, chan: u32, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), Violation> {
+        let attached = self.attach_ring(chan, body, fds);
+        // Counted whatever became of it: the peer's records are stamped with its count.
+        self.ring_seen();
+        attached
+    }
+
+    fn attach_ring(&self, chan: u32, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), Violation> {
         if !self.shm() {
             return Err("RING frame on a session without shared memory".into());
         }
@@ -262,6 +271,60 @@ impl Conn {
             return Err(format!("second RING frame on channel {chan}").into());
         }
         inchan.inbox.add_lane(ring);
+        Ok(())
+    }
+
+    /// A BLOB frame: `chan`'s next message is the archive in the sealed memfd in `fds`.
+    fn dispatch_blob(&self, chan: u32, body: &[u8], fds: Vec<OwnedFd>) -> Result<(), Violation> {
+        if !self.shm() {
+            return Err("BLOB frame on a session without shared memory".into());
+        }
+        let len = frame::parse_blob(body)?;
+        if len > u64::from(self.limits.max_message) {
+            return Err(Violation::limit(format!(
+                "message of {len} bytes exceeds the limit of {}",
+                self.limits.max_message
+            )));
+        }
+        let len = len as usize;
+        let cost = data_cost(len);
+        let inchan = {
+            let t = self.lock_table();
+            if t.reset_inbound.contains(&chan) {
+                drop(t);
+                // Discarded, but its credit goes back so the peer's window stays honest.
+                let mut buf = Vec::with_capacity(16);
+                frame::encode_credit(&mut buf, chan, cost.min(u64::from(u32::MAX)) as u32);
+                self.send_control(&buf);
+                return Ok(());
+            }
+            t.inbound
+                .get(&chan)
+                .cloned()
+                .ok_or_else(|| Violation::from(format!("BLOB frame on unknown channel {chan}")))?
+        };
+        let ring = inchan.ring.get().cloned().ok_or_else(|| {
+            Violation::from(format!("BLOB frame on channel {chan} without a ring"))
+        })?;
+        inchan.handle_data(cost).map_err(Violation::limit)?;
+        let fd = fds
+            .into_iter()
+            .next()
+            .ok_or("BLOB frame without its memfd")?;
+        let blob = Blob::map(&fd, len)
+            .map_err(|e| Violation::from(format!("bad large-message memfd: {e}")))?;
+        drop(fd);
+        let entry = Entry {
+            packet: Packet {
+                bytes: Bytes::new(),
+                handles: Vec::new(),
+            },
+            credit: Some(inchan.clone()),
+            lent: Some(blob.lend()),
+        };
+        if let Err(entry) = ring.push_socket(entry) {
+            inchan.consumed(entry.body_len());
+        }
         Ok(())
     }
 

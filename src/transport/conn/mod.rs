@@ -23,12 +23,13 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use super::chan::{InChan, OutChan};
+use super::Trust;
 use crate::channel::{Drive, Feed, Inbox, PushError, RecvCore, Wait};
 use crate::error::Error;
 use crate::proto::decoder::Decoder;
@@ -63,9 +64,19 @@ pub(crate) struct Conn {
     /// Both sides negotiated shared memory: channels move their messages through rings, and a
     /// thread of the session's own reads the socket.
     shm: bool,
+    /// `Trust::Untrusted`: messages are copied out of the peer's rings before validation.
+    copy_out: bool,
     /// Numbers every message sent through a ring, so a receiver reading several rings of this
     /// session keeps one thread's messages in order.
     send_seq: std::sync::atomic::AtomicU64,
+    /// RING frames this side sent. Every ring record carries the count as of its writing, so
+    /// a receiver holds back a record until it has seen that many RING frames: a message on a
+    /// ring it does not know yet may come first.
+    rings_sent: AtomicU32,
+    /// RING frames dispatched from the peer.
+    rings_seen: Arc<AtomicU32>,
+    /// Rings holding back a record until more RING frames are dispatched.
+    ring_waiters: Mutex<Vec<std::sync::Weak<super::shm::RingIn>>>,
 }
 
 struct Reader {
@@ -94,6 +105,7 @@ impl Conn {
         stream: UnixStream,
         we_connected: bool,
         local: Limits,
+        trust: Trust,
         timeout: Duration,
     ) -> Result<Arc<Conn>, Error> {
         stream.set_nonblocking(true)?;
@@ -101,9 +113,10 @@ impl Conn {
         let deadline = Instant::now() + timeout;
         let peer_uid = sys::peer_uid(sock.as_fd()).ok();
         let mut local = local;
-        if peer_uid != Some(rustix::process::getuid().as_raw()) {
+        if trust == Trust::SameUid && peer_uid != Some(rustix::process::getuid().as_raw()) {
             // Shared memory only with a peer of our own uid: it is trusted to follow the ring
-            // protocol (see docs/SECURITY.md).
+            // protocol (see docs/SECURITY.md). An untrusted peer may use it too, since every
+            // message is then copied out of its ring before it is validated.
             local.features = local.features.without(Features::SHM);
         }
         let mut hs = Handshake::new(local);
@@ -177,7 +190,11 @@ impl Conn {
             doorbell,
             write_broken: AtomicBool::new(false),
             shm,
+            copy_out: trust == Trust::Untrusted,
             send_seq: std::sync::atomic::AtomicU64::new(0),
+            rings_sent: AtomicU32::new(0),
+            rings_seen: Arc::new(AtomicU32::new(0)),
+            ring_waiters: Mutex::new(Vec::new()),
         });
         if shm {
             spawn_control_reader(&conn)?;
@@ -185,9 +202,37 @@ impl Conn {
         Ok(conn)
     }
 
-    /// The next message sequence number (see `send_seq`).
-    pub(crate) fn next_seq(&self) -> u64 {
-        self.send_seq.fetch_add(1, Ordering::Relaxed)
+    /// The next message's place in this session's order (see `send_seq` and `rings_sent`).
+    pub(crate) fn next_stamp(&self) -> super::shm::Stamp {
+        super::shm::Stamp {
+            seq: self.send_seq.fetch_add(1, Ordering::Relaxed),
+            rings: self.rings_sent.load(Ordering::Acquire),
+        }
+    }
+
+    /// RING frames dispatched from the peer (see `rings_seen`).
+    pub(crate) fn rings_seen(&self) -> &Arc<AtomicU32> {
+        &self.rings_seen
+    }
+
+    /// `ring` waits for RING frames still in the socket; wake it when one is dispatched.
+    pub(crate) fn wait_for_rings(&self, ring: std::sync::Weak<super::shm::RingIn>) {
+        self.ring_waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ring);
+    }
+
+    /// A RING frame was dispatched (attached or not): count it and wake the rings that wait.
+    pub(super) fn ring_seen(&self) {
+        self.rings_seen.fetch_add(1, Ordering::AcqRel);
+        let waiters =
+            std::mem::take(&mut *self.ring_waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in waiters {
+            if let Some(ring) = w.upgrade() {
+                crate::channel::Lane::unpark(&*ring);
+            }
+        }
     }
 
     /// Whether this session moves messages through shared-memory rings.
@@ -195,11 +240,33 @@ impl Conn {
         self.shm
     }
 
+    /// Whether messages read from the peer's rings must be copied out before validation
+    /// (`Trust::Untrusted`), rather than validated and read in place.
+    pub(crate) fn copy_out(&self) -> bool {
+        self.copy_out
+    }
+
+    /// Sends channel `id`'s next message as the `len`-byte archive in the sealed memfd `fd` (a
+    /// BLOB frame).
+    pub(crate) fn send_blob(
+        self: &Arc<Self>,
+        id: u32,
+        len: usize,
+        fd: OwnedFd,
+    ) -> Result<(), PushError> {
+        let mut buf = Vec::with_capacity(24);
+        frame::encode_blob(&mut buf, id, len as u64);
+        self.write_frame(&[&buf], &[fd.as_fd()], &|| false)
+    }
+
     /// Hands the peer the memfd of channel `id`'s ring (a RING frame).
     pub(crate) fn send_ring(self: &Arc<Self>, id: u32, fd: OwnedFd) -> Result<(), PushError> {
         let mut buf = Vec::with_capacity(24);
         frame::encode_ring(&mut buf, id, super::shm::RING_CAPACITY as u64);
-        self.write_frame(&[&buf], &[fd.as_fd()], &|| false)
+        self.write_frame(&[&buf], &[fd.as_fd()], &|| false)?;
+        // Counted once the frame is in the socket, ahead of every record stamped with it.
+        self.rings_sent.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     pub(crate) fn is_dead(&self) -> bool {
@@ -607,11 +674,11 @@ fn spawn_control_reader(conn: &Arc<Conn>) -> Result<(), Error> {
 }
 
 /// Spawns the other side's handshake for an in-process pair.
-pub(crate) fn pair(local: Limits) -> Result<(Arc<Conn>, Arc<Conn>), Error> {
+pub(crate) fn pair(local: Limits, trust: Trust) -> Result<(Arc<Conn>, Arc<Conn>), Error> {
     let (a, b) = UnixStream::pair()?;
     let timeout = Duration::from_secs(10);
-    let other = thread::spawn(move || Conn::establish(b, false, local, timeout));
-    let a = Conn::establish(a, true, local, timeout)?;
+    let other = thread::spawn(move || Conn::establish(b, false, local, trust, timeout));
+    let a = Conn::establish(a, true, local, trust, timeout)?;
     let b = other
         .join()
         .map_err(|_| Error::Handshake("handshake thread panicked".into()))??;
