@@ -83,6 +83,10 @@ pub(crate) struct Inbox {
     lanes: RwLock<Vec<Arc<dyn Lane>>>,
     /// `lanes` was ever non-empty: receivers take the lane path.
     has_lanes: AtomicBool,
+    /// The first lane ever added, and whether it is still the only one: the common case (one
+    /// sending process) then reads it without taking `lanes`' lock.
+    solo: std::sync::OnceLock<Arc<dyn Lane>>,
+    solo_only: AtomicBool,
 }
 
 struct State {
@@ -168,6 +172,8 @@ impl Inbox {
             cap: cap.max(1),
             lanes: RwLock::new(Vec::new()),
             has_lanes: AtomicBool::new(false),
+            solo: std::sync::OnceLock::new(),
+            solo_only: AtomicBool::new(false),
         })
     }
 
@@ -228,6 +234,7 @@ impl Inbox {
         for (conn, _) in feeds {
             conn.receiver_gone(self);
         }
+        self.solo_only.store(false, Ordering::Release);
         let lanes = std::mem::take(&mut *self.lanes.write().unwrap_or_else(|e| e.into_inner()));
         for lane in lanes {
             lane.discard();
@@ -442,10 +449,12 @@ impl Inbox {
         if self.open_receivers.load(Ordering::Acquire) == 0 {
             return false;
         }
-        self.lanes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(lane);
+        {
+            let mut lanes = self.lanes.write().unwrap_or_else(|e| e.into_inner());
+            let first = lanes.is_empty() && self.solo.set(lane.clone()).is_ok();
+            self.solo_only.store(first, Ordering::Release);
+            lanes.push(lane);
+        }
         self.has_lanes.store(true, Ordering::Release);
         // A receiver parked the lane-less way must start polling the lane.
         let waiters = std::mem::take(&mut self.lock().recv_waiters);
@@ -474,6 +483,16 @@ impl Inbox {
     /// sent first. Anything committed before the first message found is visible to a second
     /// look, which is why there are two.
     fn poll_lanes(&self) -> Option<Entry> {
+        if self.solo_only.load(Ordering::Acquire) {
+            if let Some(solo) = self.solo.get() {
+                match solo.try_pop() {
+                    LanePop::Entry(e) => return Some(e),
+                    LanePop::Empty => return None,
+                    // Dropped below, with the lock; never the fast path again.
+                    LanePop::Done => self.solo_only.store(false, Ordering::Release),
+                }
+            }
+        }
         let mut finished = false;
         let mut taken = None;
         {
@@ -529,6 +548,11 @@ impl Inbox {
     }
 
     fn lanes_ready(&self) -> bool {
+        if self.solo_only.load(Ordering::Acquire) {
+            if let Some(solo) = self.solo.get() {
+                return solo.ready();
+            }
+        }
         self.lanes
             .read()
             .unwrap_or_else(|e| e.into_inner())
