@@ -187,6 +187,12 @@ fn parse_body(header: &frame::Header, body: &[u8]) {
         Kind::Blob => {
             let _ = frame::parse_blob(body);
         }
+        Kind::Intro => {
+            let _ = frame::parse_intro(body);
+        }
+        Kind::Join => {
+            let _ = frame::parse_join(body);
+        }
         Kind::Close | Kind::Credit => {}
     }
 }

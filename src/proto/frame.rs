@@ -58,6 +58,13 @@ pub(crate) enum Kind {
     /// Shared-memory sessions only: `chan`'s next message is the archive in the one sealed
     /// memfd this frame carries; body: `u64` archive length.
     Blob = 10,
+    /// Shared-memory sessions only, written by the sender of `chan`: the process at the other
+    /// end of the one socket this frame carries will feed `chan` too, over a session of its own
+    /// (a *direct path*); `arg` is the introduction's token, body: `u64` type fingerprint.
+    Intro = 12,
+    /// The first frame on a session made from an INTRO's socket: the writer opens `chan` as
+    /// one more sender of the channel introduced with token `arg`; body: `u64` fingerprint.
+    Join = 13,
 }
 
 impl Kind {
@@ -74,6 +81,8 @@ impl Kind {
             8 => Self::GoAway,
             9 => Self::Ring,
             10 => Self::Blob,
+            12 => Self::Intro,
+            13 => Self::Join,
             _ => return None,
         })
     }
@@ -150,7 +159,13 @@ impl Header {
         let kind = Kind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind(kind_byte))?;
 
         let len_ok = match kind {
-            Kind::Open | Kind::Ping | Kind::Pong | Kind::Ring | Kind::Blob => len == 8,
+            Kind::Open
+            | Kind::Ping
+            | Kind::Pong
+            | Kind::Ring
+            | Kind::Blob
+            | Kind::Intro
+            | Kind::Join => len == 8,
             Kind::Close | Kind::Credit => len == 0,
             Kind::Reset | Kind::GoAway => len as usize <= MAX_TEXT,
             // `arg <= MAX_HANDLES` is checked below, so this cannot overflow.
@@ -172,6 +187,20 @@ impl Header {
                     nfds,
                     handles: arg as u16,
                 });
+            }
+            return Ok(Self {
+                len,
+                kind,
+                flags,
+                nfds,
+                chan,
+                arg,
+            });
+        }
+        if kind == Kind::Intro {
+            // Exactly the socket; `arg` is the token.
+            if nfds != 1 {
+                return Err(DecodeError::FdCountMismatch { nfds, handles: 1 });
             }
             return Ok(Self {
                 len,
@@ -225,6 +254,9 @@ pub(crate) enum HandleKind {
     Receiver = 4,
     /// The reader gets a Sender into its own inbound channel `chan` from the writer.
     SenderLocal = 5,
+    /// The reader gets a Sender into a channel of a third process, over a session of its own
+    /// made on the frame's next fd (a socket); `chan` is the introduction's token.
+    SenderDirect = 6,
 }
 
 impl HandleKind {
@@ -236,13 +268,19 @@ impl HandleKind {
             3 => Self::Sender,
             4 => Self::Receiver,
             5 => Self::SenderLocal,
+            6 => Self::SenderDirect,
             _ => return None,
         })
     }
 
     /// Whether descriptors of this kind consume one of the frame's fds.
     pub(crate) fn takes_fd(self) -> bool {
-        matches!(self, Self::Fd | Self::Stream)
+        matches!(self, Self::Fd | Self::Stream | Self::SenderDirect)
+    }
+
+    /// Whether descriptors of this kind name a channel (a nonzero `chan`).
+    fn names_channel(self) -> bool {
+        matches!(self, Self::Sender | Self::Receiver | Self::SenderLocal)
     }
 }
 
@@ -298,10 +336,10 @@ impl HandleDesc {
         if reserved != [0; 3] {
             return Err(bad("reserved bytes are not zero"));
         }
-        if kind.takes_fd() && (chan != 0 || fingerprint != 0) {
+        if matches!(kind, HandleKind::Fd | HandleKind::Stream) && (chan != 0 || fingerprint != 0) {
             return Err(bad("fd handle names a channel"));
         }
-        if !kind.takes_fd() && chan == 0 {
+        if kind.names_channel() && chan == 0 {
             return Err(bad("channel handle names channel 0"));
         }
         Ok(Self {
@@ -422,6 +460,24 @@ pub(crate) fn parse_ring(body: &[u8]) -> Result<u64, DecodeError> {
 /// [`DecodeError::BadBodyLength`] unless the body is exactly 8 bytes.
 pub(crate) fn parse_blob(body: &[u8]) -> Result<u64, DecodeError> {
     exact_u64(Kind::Blob, body)
+}
+
+/// The type fingerprint in an INTRO body.
+///
+/// # Errors
+///
+/// [`DecodeError::BadBodyLength`] unless the body is exactly 8 bytes.
+pub(crate) fn parse_intro(body: &[u8]) -> Result<u64, DecodeError> {
+    exact_u64(Kind::Intro, body)
+}
+
+/// The type fingerprint in a JOIN body.
+///
+/// # Errors
+///
+/// [`DecodeError::BadBodyLength`] unless the body is exactly 8 bytes.
+pub(crate) fn parse_join(body: &[u8]) -> Result<u64, DecodeError> {
+    exact_u64(Kind::Join, body)
 }
 
 /// Splits a DATA body into its validated handle descriptors and the archive payload.
@@ -551,6 +607,22 @@ pub(crate) fn encode_blob(out: &mut Vec<u8>, chan: u32, len: u64) {
     h.nfds = 1;
     out.extend_from_slice(&h.encode());
     out.extend_from_slice(&len.to_le_bytes());
+}
+
+/// Appends an INTRO frame for `chan` with introduction `token` (the socket goes in the same
+/// `sendmsg`).
+pub(crate) fn encode_intro(out: &mut Vec<u8>, chan: u32, token: u32, fingerprint: u64) {
+    let mut h = Header::new(Kind::Intro, chan, token, 8);
+    h.nfds = 1;
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&fingerprint.to_le_bytes());
+}
+
+/// Appends a JOIN frame: the writer opens `chan` as a sender of the channel introduced with
+/// `token`.
+pub(crate) fn encode_join(out: &mut Vec<u8>, chan: u32, token: u32, fingerprint: u64) {
+    out.extend_from_slice(&Header::new(Kind::Join, chan, token, 8).encode());
+    out.extend_from_slice(&fingerprint.to_le_bytes());
 }
 
 /// Appends a CLOSE frame for `chan`.
@@ -897,7 +969,7 @@ mod tests {
         let bad = |what| Err(DecodeError::BadHandle { index: 0, what });
 
         let mut d = HandleDesc::fd().encode();
-        d[0] = 6;
+        d[0] = 7;
         assert_eq!(
             parse_data(&header(1, 0), &d).map(|_| ()),
             bad("unknown handle kind")
@@ -970,5 +1042,65 @@ mod tests {
         assert!(parse_ping(&[]).is_err());
         let h = Header::new(Kind::GoAway, 0, 0, 0);
         assert!(parse_goaway(&h, &[b'x'; 257]).is_err());
+        assert!(parse_intro(&[0; 7]).is_err());
+        assert!(parse_join(&[0; 9]).is_err());
+    }
+
+    #[test]
+    fn intro_and_join_round_trip() {
+        let mut buf = Vec::new();
+        encode_intro(&mut buf, 4, 0xdead_beef, 77);
+        let (h, body) = split(&buf);
+        assert_eq!(
+            (h.kind, h.chan, h.arg, h.nfds),
+            (Kind::Intro, 4, 0xdead_beef, 1)
+        );
+        assert_eq!(parse_intro(body), Ok(77));
+        assert_eq!(buf[4], 12);
+
+        let mut buf = Vec::new();
+        encode_join(&mut buf, 3, 9, 78);
+        let (h, body) = split(&buf);
+        assert_eq!((h.kind, h.chan, h.arg, h.nfds), (Kind::Join, 3, 9, 0));
+        assert_eq!(parse_join(body), Ok(78));
+        assert_eq!(buf[4], 13);
+
+        // INTRO carries exactly its socket; JOIN carries none.
+        let parse = |h: Header| Header::parse(&h.encode());
+        let mut h = Header::new(Kind::Intro, 4, 1, 8);
+        assert_eq!(
+            parse(h),
+            Err(DecodeError::FdCountMismatch {
+                nfds: 0,
+                handles: 1
+            })
+        );
+        h.nfds = 2;
+        assert!(parse(h).is_err());
+        let mut h = Header::new(Kind::Join, 3, 1, 8);
+        h.nfds = 1;
+        assert!(parse(h).is_err());
+        assert!(parse(Header::new(Kind::Join, 0, 1, 8)).is_err());
+        assert!(parse(Header::new(Kind::Intro, 4, 1, 16)).is_err());
+    }
+
+    #[test]
+    fn sender_direct_descriptor_takes_an_fd_and_names_a_type() {
+        let d = HandleDesc {
+            kind: HandleKind::SenderDirect,
+            chan: 5,
+            fingerprint: 99,
+        };
+        let bytes = d.encode();
+        assert_eq!(bytes[0], 6);
+        assert_eq!(HandleDesc::parse(&bytes, 0), Ok(d));
+        let mut h = Header::new(Kind::Data, 1, 1, 16);
+        h.nfds = 1;
+        let (descs, payload) = parse_data(&h, &bytes).unwrap();
+        assert_eq!(descs.collect::<Vec<_>>(), vec![d]);
+        assert!(payload.is_empty());
+        // Its fd is counted like an FD's.
+        let h = Header::new(Kind::Data, 1, 1, 16);
+        assert!(parse_data(&h, &bytes).is_err());
     }
 }

@@ -16,6 +16,7 @@
 mod blob;
 mod chan;
 mod conn;
+mod direct;
 mod shm;
 
 use std::fmt;

@@ -2,17 +2,18 @@
 //! `Violation` that closes the session with a GOAWAY saying why.
 
 use std::io::IoSlice;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use super::super::blob::Blob;
 use super::super::chan::{InChan, OutChan};
+use super::super::direct;
 use super::super::shm::{RingIn, RING_CAPACITY};
 use crate::channel::{CreditSink, Entry, Handle, Inbox, RecvCore, SendCore, DEFAULT_CAPACITY};
 use crate::message::{Bytes, Packet};
 use crate::proto::credit::data_cost;
 use crate::proto::decoder::Frame;
-use crate::proto::frame::{self, GoAwayReason, HandleKind, Kind};
+use crate::proto::frame::{self, GoAwayReason, HandleKind, Kind, ResetReason};
 use crate::proto::{id_is_peers, DecodeError};
 use crate::ring::shm::ShmRegion;
 use crate::ring::spsc::region_len;
@@ -107,6 +108,8 @@ impl Conn {
             }
             Kind::Ring => self.dispatch_ring(header.chan, body, fds),
             Kind::Blob => self.dispatch_blob(header.chan, body, fds),
+            Kind::Intro => self.dispatch_intro(header.chan, header.arg, body, fds),
+            Kind::Join => self.dispatch_join(header.chan, header.arg, body),
             Kind::Reset => {
                 frame::parse_reset(&header, body)?;
                 if let Some(o) = self.outbound(header.chan) {
@@ -205,6 +208,17 @@ impl Conn {
                         }
                     };
                     Handle::Sender(SendCore::local(inbox), d.fingerprint)
+                }
+                HandleKind::SenderDirect => {
+                    if !self.shm() {
+                        return Err(
+                            "SENDER_DIRECT handle on a session without shared memory".into()
+                        );
+                    }
+                    let sock = fds.next().ok_or("missing fd")?;
+                    // The direct session is made on a thread: its sends wait for it.
+                    let out = direct::connect(self, sock, d.chan, d.fingerprint);
+                    Handle::Sender(SendCore::Remote(out), d.fingerprint)
                 }
             };
             handles.push(h);
@@ -325,6 +339,74 @@ impl Conn {
         if let Err(entry) = ring.push_socket(entry) {
             inchan.consumed(entry.body_len());
         }
+        Ok(())
+    }
+
+    /// An INTRO frame: the process at the other end of the socket in `fds` will feed `chan`
+    /// too, over a session of its own (a direct path).
+    fn dispatch_intro(
+        &self,
+        chan: u32,
+        token: u32,
+        body: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Violation> {
+        if !self.shm() {
+            return Err("INTRO frame on a session without shared memory".into());
+        }
+        let fingerprint = frame::parse_intro(body)?;
+        let sock = fds
+            .into_iter()
+            .next()
+            .ok_or("INTRO frame without its socket")?;
+        let inbox = self
+            .lock_table()
+            .inbound
+            .get(&chan)
+            .map(|c| c.inbox.clone());
+        match inbox {
+            Some(inbox) => direct::accept(self, inbox, token, fingerprint, sock),
+            // A channel we reset or already finished (as for CLOSE): closing the socket fails
+            // the introduced sender's handshake, so it is born disconnected.
+            None => drop(sock),
+        }
+        Ok(())
+    }
+
+    /// A JOIN frame, the first on a session made from an INTRO's socket: the peer's new
+    /// channel `chan` feeds the introduced channel's inbox.
+    fn dispatch_join(&self, chan: u32, token: u32, body: &[u8]) -> Result<(), Violation> {
+        let fingerprint = frame::parse_join(body)?;
+        let this = self.arc()?;
+        let joined = direct::joined(self.sock.as_raw_fd(), token)
+            .ok_or("JOIN frame that answers no introduction")?;
+        let mut t = self.lock_table();
+        if let Err(v) = self.check_new_peer_id(&t, chan) {
+            drop(t);
+            // The introduced sender will never feed the channel.
+            joined.inbox().mark_broken();
+            return Err(v);
+        }
+        let refused = if fingerprint != joined.fingerprint {
+            Some((ResetReason::TypeMismatch, "message type mismatch"))
+        } else if joined.inbox().add_feed(this.clone()) {
+            let c = InChan::new(&this, chan, joined.inbox().clone());
+            t.inbound.insert(chan, c);
+            None
+        } else {
+            Some((ResetReason::ReceiverGone, "receiver dropped"))
+        };
+        if refused.is_some() {
+            t.reset_inbound.insert(chan);
+        }
+        drop(t);
+        if let Some((reason, text)) = refused {
+            let mut buf = Vec::new();
+            frame::encode_reset(&mut buf, chan, reason, text);
+            self.send_control(&buf);
+        }
+        // The new feed holds the channel open now: the placeholder may go.
+        drop(joined);
         Ok(())
     }
 

@@ -5,10 +5,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use super::super::chan::{spawn_proxy, InChan, OutChan};
+use super::super::direct;
 use crate::channel::{Handle, Inbox, Outlet, PushError, RecvCore, SendCore, DEFAULT_CAPACITY};
 use crate::error::Error;
 use crate::message::Packet;
-use crate::proto::frame::{self, HandleDesc, HandleKind, ResetReason};
+use crate::proto::frame::{self, HandleDesc, HandleKind, ResetReason, MAX_FDS};
 
 use super::{Conn, Table};
 
@@ -22,6 +23,20 @@ pub(crate) struct Exported {
     /// Relays to start once the frame is written: data on a channel must not overtake the
     /// frame that opens it.
     relays: Vec<(RecvCore, SendCore)>,
+    /// Receivers whose inbox this frame makes us relay to the peer, for direct paths: a sender
+    /// into one of them exported over another session introduces its holder to the peer.
+    relayed: Vec<(std::sync::Weak<Inbox>, std::sync::Weak<OutChan>, u64)>,
+}
+
+/// One handle on its way out: as is, or a sender introduced to a third process (a direct
+/// path: the token and our end of the socket pair).
+enum Outgoing {
+    Handle(Handle),
+    Direct {
+        token: u32,
+        fingerprint: u64,
+        sock: OwnedFd,
+    },
 }
 
 impl Conn {
@@ -39,10 +54,12 @@ impl Conn {
             fds: Vec::new(),
             resets: Vec::new(),
             relays: Vec::new(),
+            relayed: Vec::new(),
         };
         if handles.is_empty() {
             return Ok(out);
         }
+        let handles = self.introduce_direct(handles);
         let mut proxies = Vec::new();
         {
             let mut t = self.lock_table();
@@ -52,6 +69,22 @@ impl Conn {
                     .ok_or_else(|| Error::Protocol("channel ids exhausted".into()))
             };
             for h in handles {
+                let h = match h {
+                    Outgoing::Handle(h) => h,
+                    Outgoing::Direct {
+                        token,
+                        fingerprint,
+                        sock,
+                    } => {
+                        out.fds.push(sock);
+                        out.descs.push(HandleDesc {
+                            kind: HandleKind::SenderDirect,
+                            chan: token,
+                            fingerprint,
+                        });
+                        continue;
+                    }
+                };
                 // A sender into a channel the peer receives on this very session.
                 let back_to_peer = match &h {
                     Handle::Sender(SendCore::Remote(o), _) => self.own_outlet(o),
@@ -110,6 +143,10 @@ impl Conn {
                         let id = alloc(&mut t)?;
                         let o = OutChan::new(self.clone(), id);
                         t.outbound.insert(id, Arc::downgrade(&o));
+                        if self.shm() {
+                            out.relayed
+                                .push((Arc::downgrade(&core.0), Arc::downgrade(&o), fp));
+                        }
                         proxies.push((core, SendCore::Remote(o)));
                         HandleDesc {
                             kind: HandleKind::Receiver,
@@ -139,6 +176,10 @@ impl Conn {
         frame::encode_data(&mut head, id, &exported.descs, bytes.len(), nfds);
         let fds: Vec<BorrowedFd<'_>> = exported.fds.iter().map(|f| f.as_fd()).collect();
         self.write_frame(&[&head, &bytes], &fds, abort)?;
+        // Only now may an INTRO name these channels: the peer knows them.
+        for (inbox, out, fp) in exported.relayed {
+            direct::mark_relayed(inbox, out, fp);
+        }
         for (rx, tx) in exported.relays {
             spawn_proxy(rx, tx);
         }
@@ -148,5 +189,92 @@ impl Conn {
             self.send_control(&buf);
         }
         Ok(())
+    }
+}
+
+// Direct paths (ARCHITECTURE.md section 2.26).
+impl Conn {
+    /// Replaces each sender into an inbox we relay to a process on another shared-memory
+    /// session by an introduction to that process (a direct path), when this session has
+    /// shared memory too and the frame has room for the socket; other handles pass as they
+    /// are.
+    fn introduce_direct(self: &Arc<Self>, handles: Vec<Handle>) -> Vec<Outgoing> {
+        let fd_handles = |hs: &[Handle]| {
+            hs.iter()
+                .filter(|h| matches!(h, Handle::Fd(_) | Handle::Stream(_)))
+                .count()
+        };
+        let mut room = usize::from(MAX_FDS).saturating_sub(fd_handles(&handles));
+        let mut introduced = Vec::new();
+        let out = handles
+            .into_iter()
+            .map(|h| {
+                let direct = match &h {
+                    Handle::Sender(SendCore::Local(inbox), fp) if self.shm() && room > 0 => {
+                        direct::relayed_to(inbox, *fp, self)
+                            .and_then(|relay| direct::introduce(&relay, *fp))
+                            .map(|(token, sock)| (token, *fp, sock))
+                    }
+                    _ => None,
+                };
+                match direct {
+                    Some((token, fingerprint, sock)) => {
+                        room -= 1;
+                        introduced.push(h);
+                        Outgoing::Direct {
+                            token,
+                            fingerprint,
+                            sock,
+                        }
+                    }
+                    None => Outgoing::Handle(h),
+                }
+            })
+            .collect();
+        // The INTROs are written: the receiving process holds each channel open until its new
+        // sender joins, so our own senders may go (no lock is held here).
+        drop(introduced);
+        out
+    }
+
+    /// Introduces a new sender of channel `id` (which we send on) to the peer: an INTRO frame
+    /// carrying `sock`, the receiving end of the direct session.
+    pub(crate) fn send_intro(
+        self: &Arc<Self>,
+        id: u32,
+        token: u32,
+        fingerprint: u64,
+        sock: OwnedFd,
+    ) -> Result<(), PushError> {
+        let mut buf = Vec::with_capacity(24);
+        frame::encode_intro(&mut buf, id, token, fingerprint);
+        self.write_frame(&[&buf], &[sock.as_fd()], &|| false)
+    }
+
+    /// Opens a channel we send on as one more sender of the channel the peer was introduced
+    /// to with `token` (a JOIN frame, the first on a direct session).
+    pub(crate) fn join(
+        self: &Arc<Self>,
+        token: u32,
+        fingerprint: u64,
+    ) -> Result<Arc<OutChan>, Error> {
+        let out = {
+            let mut t = self.lock_table();
+            if self.cannot_send() {
+                return Err(Error::Disconnected);
+            }
+            let id = t
+                .ids
+                .next()
+                .ok_or_else(|| Error::Protocol("channel ids exhausted".into()))?;
+            let out = OutChan::new(self.clone(), id);
+            t.outbound.insert(id, Arc::downgrade(&out));
+            out
+        };
+        let mut buf = Vec::with_capacity(24);
+        frame::encode_join(&mut buf, out.id, token, fingerprint);
+        self.write_frame(&[&buf], &[], &|| false)
+            .map_err(|_| Error::Disconnected)?;
+        Ok(out)
     }
 }
