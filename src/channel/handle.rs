@@ -81,7 +81,7 @@ impl SendCore {
         }
     }
 
-    /// See [`Outlet::send_in_place`]; `None` for an in-process inbox.
+    /// See [`Outlet::send_in_place`].
     pub(crate) fn send_in_place(
         &self,
         estimate: usize,
@@ -89,7 +89,7 @@ impl SendCore {
         encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
     ) -> Option<Result<(), PushError>> {
         match self {
-            SendCore::Local(_) => None,
+            SendCore::Local(inbox) => inbox.push_in_place(estimate, wait, encode),
             SendCore::Remote(out) => out.send_in_place(estimate, wait, encode),
         }
     }

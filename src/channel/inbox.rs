@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
+use super::local::LocalRing;
 use super::source::{CreditSink, Drive, Feed, Lane, LanePop};
 use crate::message::{Body, Lent, Packet};
 use crate::sys;
@@ -87,6 +88,8 @@ pub(crate) struct Inbox {
     /// sending process) then reads it without taking `lanes`' lock.
     solo: std::sync::OnceLock<Arc<dyn Lane>>,
     solo_only: AtomicBool,
+    /// The ring local senders write into, made on the first local send.
+    local: std::sync::OnceLock<Arc<LocalRing>>,
 }
 
 struct State {
@@ -174,6 +177,7 @@ impl Inbox {
             has_lanes: AtomicBool::new(false),
             solo: std::sync::OnceLock::new(),
             solo_only: AtomicBool::new(false),
+            local: std::sync::OnceLock::new(),
         })
     }
 
@@ -315,54 +319,54 @@ impl Inbox {
         Ok(())
     }
 
-    /// Pushes a message from a local sender, waiting for room as `wait` allows.
+    /// Pushes a message from a local sender, waiting for room as `wait` allows. Local senders
+    /// write into the channel's ring (see `local`), which receivers read as a lane.
     pub(crate) fn push(&self, packet: Packet, wait: Wait) -> Result<(), PushError> {
-        let mut spun = false;
-        loop {
-            let mut s = self.lock();
-            if s.receivers == 0 {
-                return Err(PushError::Disconnected);
-            }
-            if s.queue.len() < self.cap {
-                s.queue.push_back(Entry::local(packet));
-                // pairs with the Acquire load in `pop`'s spin loop.
-                self.len.store(s.queue.len(), Ordering::Release);
-                let waiter = s.recv_waiters.pop();
-                let driving = s.driving.clone();
-                drop(s);
-                if let Some(t) = waiter {
-                    t.unpark();
-                }
-                self.unpark_lanes();
-                if let Some(conn) = driving {
-                    conn.interrupt();
-                }
-                return Ok(());
-            }
-            if wait.expired() {
-                let kind = if matches!(wait, Wait::No) {
-                    PushError::Full
-                } else {
-                    PushError::Timeout
-                };
-                return Err(kind);
-            }
-            if !spun {
-                // The receiver is usually draining right now: spin on the length (without the
-                // lock, which it needs) before paying for a park and a wake-up.
-                drop(s);
-                spun = true;
-                spin_until(|| {
-                    self.len.load(Ordering::Relaxed) < self.cap
-                        || self.open_receivers.load(Ordering::Relaxed) == 0
-                });
-                continue;
-            }
-            let me = thread::current();
-            s.send_waiters.push(me.clone());
-            drop(s);
-            wait.park();
-            self.lock().send_waiters.retain(|t| t.id() != me.id());
+        let ring = self.local_ring().ok_or(PushError::Disconnected)?;
+        let gone = || self.open_receivers.load(Ordering::Acquire) == 0;
+        ring.push(packet, wait, &gone)
+    }
+
+    /// Serializes a message from a local sender straight into the channel's ring (see
+    /// `Outlet::send_in_place`); `None` when it did not go this way.
+    pub(crate) fn push_in_place(
+        &self,
+        estimate: usize,
+        wait: Wait,
+        encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
+    ) -> Option<Result<(), PushError>> {
+        let Some(ring) = self.local_ring() else {
+            return Some(Err(PushError::Disconnected));
+        };
+        let gone = || self.open_receivers.load(Ordering::Acquire) == 0;
+        ring.push_in_place(estimate, wait, &gone, encode)
+    }
+
+    /// The local ring, if one was made (for tests).
+    #[cfg(test)]
+    pub(crate) fn local_for_tests(&self) -> Option<&Arc<LocalRing>> {
+        self.local.get()
+    }
+
+    /// The ring of this channel's local senders, made (and added as a lane) on first use;
+    /// `None` once the last receiver is gone.
+    fn local_ring(&self) -> Option<&Arc<LocalRing>> {
+        if let Some(ring) = self.local.get() {
+            return Some(ring);
+        }
+        if self.open_receivers.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut added = false;
+        let ring = self.local.get_or_init(|| {
+            let ring = LocalRing::new(self.cap);
+            added = self.add_lane(ring.clone());
+            ring
+        });
+        if added || self.open_receivers.load(Ordering::Acquire) > 0 {
+            Some(ring)
+        } else {
+            None
         }
     }
 
@@ -456,9 +460,16 @@ impl Inbox {
             lanes.push(lane);
         }
         self.has_lanes.store(true, Ordering::Release);
-        // A receiver parked the lane-less way must start polling the lane.
-        let waiters = std::mem::take(&mut self.lock().recv_waiters);
+        // A receiver parked the lane-less way, or reading a session, must start polling the
+        // lane.
+        let (waiters, driving) = {
+            let mut s = self.lock();
+            (std::mem::take(&mut s.recv_waiters), s.driving.clone())
+        };
         self.wake_all(waiters);
+        if let Some(feed) = driving {
+            feed.interrupt();
+        }
         true
     }
 
@@ -652,7 +663,7 @@ impl Inbox {
 
     /// Number of queued messages.
     pub(crate) fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.len.load(Ordering::Relaxed) + self.local.get().map_or(0, |r| r.len())
     }
 }
 

@@ -9,6 +9,7 @@ mod copy;
 mod handle;
 mod inbox;
 mod loan;
+mod local;
 mod receiver;
 mod sender;
 mod source;
