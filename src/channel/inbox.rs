@@ -88,6 +88,8 @@ pub(crate) struct Inbox {
     /// sending process) then reads it without taking `lanes`' lock.
     solo: std::sync::OnceLock<Arc<dyn Lane>>,
     solo_only: AtomicBool,
+    /// Where the search for a lane with a message starts (see `poll_lanes`).
+    next_lane: AtomicUsize,
     /// The ring local senders write into, made on the first local send.
     local: std::sync::OnceLock<Arc<LocalRing>>,
 }
@@ -177,6 +179,7 @@ impl Inbox {
             has_lanes: AtomicBool::new(false),
             solo: std::sync::OnceLock::new(),
             solo_only: AtomicBool::new(false),
+            next_lane: AtomicUsize::new(0),
             local: std::sync::OnceLock::new(),
         })
     }
@@ -514,7 +517,13 @@ impl Inbox {
                     LanePop::Empty => {}
                     LanePop::Done => finished = true,
                 }
-            } else if let Some((session, _)) = lanes.iter().find_map(|l| l.order()) {
+            } else if let Some((session, _)) = {
+                // Start the search at a different lane each time, so one busy session cannot
+                // starve the others.
+                let n = lanes.len();
+                let start = self.next_lane.fetch_add(1, Ordering::Relaxed) % n.max(1);
+                (0..n).find_map(|i| lanes[(start + i) % n].order())
+            } {
                 let first = lanes
                     .iter()
                     .filter_map(|l| match l.order() {

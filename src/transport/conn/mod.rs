@@ -365,12 +365,14 @@ impl Conn {
 
     /// Forgets an outbound channel whose last sender is gone and tells the peer.
     pub(crate) fn close_outbound(&self, id: u32) {
-        self.lock_table().outbound.remove(&id);
+        // CLOSE first, so the channel counts as open until its CLOSE is on its way (a process
+        // that waits for its channel count to drop before exiting then loses no CLOSE).
         if !self.is_dead() {
             let mut buf = Vec::with_capacity(16);
             frame::encode_close(&mut buf, id);
             self.send_control(&buf);
         }
+        self.lock_table().outbound.remove(&id);
     }
 
     /// Dispatches whatever the socket holds now, if no other thread is reading. Never blocks.
