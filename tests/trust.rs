@@ -105,10 +105,10 @@ fn with_timeout<T: Send + 'static>(
 
 const RECV: Duration = Duration::from_secs(10);
 
-/// Sizes that go through the ring (up to 100 KiB) and one that does not (600 KiB: more than
-/// half a ring, so it travels on the socket).
-const SIZES: [usize; 6] = [0, 1, 100, 4000, 100_000, 600_000];
-const LARGE: usize = 600_000;
+/// Sizes that go through the ring (up to 100 KiB) and one that does not (3 MB: more than half
+/// of a 4 MiB ring, so it travels in a sealed memfd of its own).
+const SIZES: [usize; 6] = [0, 1, 100, 4000, 100_000, 3_000_000];
+const LARGE: usize = 3_000_000;
 
 fn payload(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| (i + j) as u8).collect()
@@ -177,7 +177,8 @@ fn untrusted_copies_ring_messages_out_and_default_reads_in_place() {
 /// default, kept messages hold their records and the sender runs out of room.
 #[test]
 fn untrusted_releases_records_at_once() {
-    const N: usize = 400;
+    // Three 4 MiB rings' worth.
+    const N: usize = 1600;
     const LEN: usize = 8 * 1024;
     let run = |trust: Trust, send_limit: Duration| {
         with_timeout(Duration::from_secs(30), move || {

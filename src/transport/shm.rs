@@ -38,8 +38,14 @@ use crate::ring::spsc::{region_len, Consumer, Detached, Producer, Record};
 use crate::ring::Corrupt;
 use crate::sys::{futex_wait, futex_wake};
 
-/// Data bytes of each channel's ring. Pages are touched only as the ring cycles through them.
-pub(crate) const RING_CAPACITY: usize = 1 << 20;
+/// Data bytes of each channel's ring this side makes: room for messages up to 2 MiB in the
+/// ring. Pages are touched only as the ring cycles through them, so a channel that carries
+/// little costs little; a busy one holds up to this much shared memory.
+pub(crate) const RING_CAPACITY: usize = 4 << 20;
+/// The ring sizes a RING frame may announce (powers of two).
+pub(crate) const MIN_RING: u64 = 64 << 10;
+/// The largest ring size a RING frame may announce.
+pub(crate) const MAX_RING: u64 = 64 << 20;
 
 /// Length of the tag in front of each record's payload.
 const TAG_LEN: usize = 16;

@@ -351,8 +351,8 @@ pub fn c20_thousand_messages_two_handles<X: Transport>() {
 /// Case 21: A channel that nobody accepts, filled to its limit, does not block the channels nested
 /// in the messages of another channel on the same connection.
 pub fn c21_unaccepted_channel_does_not_block<X: Transport>() {
-    // Far above any transport's per-channel bound (a 256 KiB window, a 1 MiB ring).
-    const X_MSGS: usize = 1500;
+    // Far above any transport's per-channel bound (a 256 KiB window, a 4 MiB ring).
+    const X_MSGS: usize = 6000;
     let t = X::new();
     let (tx, rx) = t.channel::<crate::lifecycle::Ends>();
     let (x_tx, x_keep) = t.unaccepted::<Vec<u8>>();
@@ -547,7 +547,8 @@ pub fn c26_try_send_fills_then_drains<X: Transport>() {
 /// Case 26: A blocking `send` to a receiver that reads nothing blocks after a bounded number of
 /// messages, and completes once the receiver reads.
 pub fn c26_blocking_send_waits_for_receiver<X: Transport>() {
-    const N: u32 = 2000;
+    // Above any transport's per-channel bound (a 256 KiB window, a 4 MiB ring).
+    const N: u32 = 6000;
     let t = X::new();
     let (tx, rx) = t.channel::<Vec<u8>>();
     let sent = Arc::new(AtomicUsize::new(0));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::super::blob::Blob;
 use super::super::chan::{InChan, OutChan};
 use super::super::direct;
-use super::super::shm::{RingIn, RING_CAPACITY};
+use super::super::shm::{RingIn, MAX_RING, MIN_RING};
 use crate::channel::{CreditSink, Entry, Handle, Inbox, RecvCore, SendCore, DEFAULT_CAPACITY};
 use crate::message::{Bytes, Packet};
 use crate::proto::credit::data_cost;
@@ -256,11 +256,13 @@ impl Conn {
             return Err("RING frame on a session without shared memory".into());
         }
         let capacity = frame::parse_ring(body)?;
-        if capacity != RING_CAPACITY as u64 {
-            return Err(
-                format!("RING frame with capacity {capacity}, expected {RING_CAPACITY}").into(),
-            );
+        if !capacity.is_power_of_two() || !(MIN_RING..=MAX_RING).contains(&capacity) {
+            return Err(format!(
+                "RING frame with capacity {capacity}, not a power of two in {MIN_RING}..={MAX_RING}"
+            )
+            .into());
         }
+        let capacity = capacity as usize;
         let this = self.arc()?;
         let inchan = {
             let t = self.lock_table();
@@ -277,7 +279,7 @@ impl Conn {
             .into_iter()
             .next()
             .ok_or("RING frame without its memfd")?;
-        let region = ShmRegion::map(fd.as_fd(), region_len(RING_CAPACITY))
+        let region = ShmRegion::map(fd.as_fd(), region_len(capacity))
             .map_err(|e| Violation::from(format!("cannot map a channel's ring: {e}")))?;
         let ring = RingIn::attach(&this, region)
             .map_err(|e| Violation::from(format!("bad ring on channel {chan}: {e}")))?;
