@@ -11,8 +11,11 @@
 //!
 //! * `raw-unix`: length-prefixed frames (u32 len, u64 seq, data) over a `UnixStream` pair,
 //!   the child's end as its stdin; `BufReader` + `read_exact`, one `write_all` per message.
-//! * `libchan-unix`: `libchan::listen`/`connect` on `unix:@libchan-peers-<pid>-<n>`, one
-//!   channel each way carrying [`Payload`] `{ seq: u64, data: Vec<u8> }`.
+//! * `libchan-unix`: `libchan::listen`/`connect` on `unix:@libchan-peers-<pid>-<n>` with
+//!   shared memory off (`Options::shm(false)`), one channel each way carrying [`Payload`]
+//!   `{ seq: u64, data: Vec<u8> }`.
+//! * `libchan-shm`: the same with the default options: the session upgrades to shared memory
+//!   (checked on both sides).
 //! * `ipc-channel`: an `IpcSender<Vec<u8>>`/`IpcReceiver<Vec<u8>>` pair each way (serde +
 //!   postcard, as a user of the typed API gets), set up through an `IpcOneShotServer`.
 //! * `ipc-channel-bytes`: the same with `IpcBytesSender`/`IpcBytesReceiver` (no serde).
@@ -315,13 +318,15 @@ fn respond(l: &mut dyn Link, p: Plan) -> Res<()> {
 enum Transport {
     Raw,
     Chan,
+    ChanShm,
     Ipc,
     IpcBytes,
 }
 
-const TRANSPORTS: [Transport; 4] = [
+const TRANSPORTS: [Transport; 5] = [
     Transport::Raw,
     Transport::Chan,
+    Transport::ChanShm,
     Transport::Ipc,
     Transport::IpcBytes,
 ];
@@ -331,9 +336,28 @@ impl Transport {
         match self {
             Transport::Raw => "raw-unix",
             Transport::Chan => "libchan-unix",
+            Transport::ChanShm => "libchan-shm",
             Transport::Ipc => "ipc-channel",
             Transport::IpcBytes => "ipc-channel-bytes",
         }
+    }
+
+    /// libchan's options for this transport: shared memory on only for `libchan-shm`.
+    fn options(self) -> libchan::Options {
+        libchan::Options::new().shm(self == Transport::ChanShm)
+    }
+
+    /// Fails unless `session` runs on the transport this run measures.
+    fn check(self, session: &Session) -> Res<()> {
+        let want = if self == Transport::ChanShm {
+            libchan::Transport::Shm
+        } else {
+            libchan::Transport::Unix
+        };
+        if session.transport() != want {
+            return Err(format!("{}: session runs on {}", self.name(), session.transport()).into());
+        }
+        Ok(())
     }
 
     fn parse(s: &str) -> Res<Self> {
@@ -365,11 +389,12 @@ impl Transport {
                     ChildGuard(Some(cmd.stdin(Stdio::from(OwnedFd::from(theirs))).spawn()?));
                 (Box::new(RawLink::new(ours)?), guard)
             }
-            Transport::Chan => {
+            Transport::Chan | Transport::ChanShm => {
                 let addr = format!("unix:@libchan-peers-{}-{seq}", std::process::id());
-                let listener = libchan::listen_with(&addr, &libchan::Options::new().shm(false))?;
+                let listener = libchan::listen_with(&addr, &self.options())?;
                 let guard = ChildGuard(Some(cmd.args(["--addr", &addr]).spawn()?));
                 let session = bounded("libchan accept", move || Ok(listener.accept()?))?;
+                self.check(&session)?;
                 let tx = session.open_channel::<Payload>()?;
                 let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
                 (
@@ -410,8 +435,9 @@ impl Transport {
                 let sock = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
                 Box::new(RawLink::new(sock)?)
             }
-            Transport::Chan => {
-                let session = libchan::connect_with(&addr()?, &libchan::Options::new().shm(false))?;
+            Transport::Chan | Transport::ChanShm => {
+                let session = libchan::connect_with(&addr()?, &self.options())?;
+                self.check(&session)?;
                 let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
                 let tx = session.open_channel::<Payload>()?;
                 Box::new(ChanLink {
