@@ -42,6 +42,10 @@
 //! * `stream`: K messages one way (after W warm-up ones), then one acknowledgement back;
 //!   the clock runs from the first message to the acknowledgement. Reports msgs/s, bytes/s.
 //!
+//! `--loan` makes every libchan side send raw bytes through `Sender::<Vec<u8>>::loan` (8
+//! sequence bytes, then the payload, written in place) instead of a typed `Payload`; floors
+//! are unchanged. Not with `rtt-parked`.
+//!
 //! A later transport (tcp, tls) plugs in as a [`TransportKind`] variant: it needs a way to
 //! build a [`ChanLink`] on both sides and a floor [`Link`]; the drivers are generic.
 
@@ -178,6 +182,67 @@ impl ChanLink {
             Err(e) => Err(format!("libchan recv: {e}").into()),
         }
     }
+}
+
+/// libchan with raw bytes through [`libchan::Loan`] (`--loan`): a `Vec<u8>` message of 8
+/// sequence bytes then the payload, written in place by the sender, read in place by the
+/// receiver.
+struct LoanLink {
+    tx: Sender<Vec<u8>>,
+    rx: Receiver<Vec<u8>>,
+}
+
+impl LoanLink {
+    fn send_bytes(&self, seq: u64, fill_with: Option<&[u8]>, size: usize) -> Res<()> {
+        let mut loan = self.tx.loan(8 + size)?;
+        loan[..8].copy_from_slice(&seq.to_le_bytes());
+        match fill_with {
+            Some(data) => loan[8..].copy_from_slice(data),
+            None => loan[8..].fill(seq as u8),
+        }
+        loan.commit()?;
+        Ok(())
+    }
+}
+
+impl Link for LoanLink {
+    fn send_new(&mut self, seq: u64, size: usize) -> Res<()> {
+        self.send_bytes(seq, None, size)
+    }
+
+    fn recv_check(&mut self) -> Res<Option<(u64, usize)>> {
+        match self.rx.recv() {
+            Ok(m) => {
+                let bytes = m.as_slice();
+                let seq = u64::from_le_bytes(bytes.get(..8).ok_or("short loan")?.try_into()?);
+                touch_check(seq, &bytes[8..])?;
+                Ok(Some((seq, bytes.len() - 8)))
+            }
+            Err(RecvError::Closed | RecvError::Disconnected) => Ok(None),
+            Err(e) => Err(format!("libchan recv: {e}").into()),
+        }
+    }
+
+    fn echo(&mut self) -> Res<bool> {
+        match self.rx.recv() {
+            Ok(m) => {
+                let bytes = m.as_slice();
+                let seq = u64::from_le_bytes(bytes.get(..8).ok_or("short loan")?.try_into()?);
+                touch_check(seq, &bytes[8..])?;
+                self.send_bytes(seq, Some(&bytes[8..]), bytes.len() - 8)?;
+                Ok(true)
+            }
+            Err(RecvError::Closed | RecvError::Disconnected) => Ok(false),
+            Err(e) => Err(format!("libchan recv: {e}").into()),
+        }
+    }
+}
+
+/// `--loan`: libchan sides send raw bytes through loans instead of typed messages.
+static LOAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn loan_mode() -> bool {
+    LOAN.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Spins (without sleeping) for at least `d`; returns the time actually spent.
@@ -577,6 +642,7 @@ fn child_command(role: ChildRole, run: &Run, cpu: usize) -> Res<Command> {
         .args(["--warmup", &run.warmup.to_string()])
         .args(["--iters", &run.iters.to_string()])
         .args(["--cpu", &cpu.to_string()])
+        .args(loan_mode().then_some("--loan"))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     Ok(cmd)
@@ -620,6 +686,7 @@ fn child_main(args: &[String]) -> Res<()> {
             "--cpu" => cpu = Some(val()?.parse()?),
             "--shm-fd" => shm_fd = Some(val()?.parse::<RawFd>()?),
             "--yield" => yield_cpu = true,
+            "--loan" => LOAN.store(true, std::sync::atomic::Ordering::Relaxed),
             x => return Err(format!("child: unknown argument {x}").into()),
         }
     }
@@ -635,6 +702,11 @@ fn child_main(args: &[String]) -> Res<()> {
                 Transport::Unix
             };
             let session = chan_session(sock()?, Role::Acceptor, want, "child")?;
+            if loan_mode() {
+                let rx = session.accept_channel_timeout::<Vec<u8>>(SETUP_TIMEOUT)?;
+                let tx = session.open_channel::<Vec<u8>>()?;
+                return respond(&mut LoanLink { tx, rx }, mode, size, warmup, iters);
+            }
             let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
             let tx = session.open_channel::<Payload>()?;
             let mut link = ChanLink { tx, rx };
@@ -708,6 +780,13 @@ impl TransportKind {
     /// libchan on this transport.
     fn measure_ours(self, run: &Run, cpus: (usize, usize)) -> Res<Measured> {
         match self {
+            TransportKind::Mem if loan_mode() => {
+                let (atx, arx) = libchan::pipe::<Vec<u8>>();
+                let (btx, brx) = libchan::pipe::<Vec<u8>>();
+                let peer = LoanLink { tx: btx, rx: arx };
+                let main = LoanLink { tx: atx, rx: brx };
+                in_thread(run, cpus.1, main, peer)
+            }
             TransportKind::Mem => {
                 let (atx, arx) = libchan::pipe::<Payload>();
                 let (btx, brx) = libchan::pipe::<Payload>();
@@ -724,6 +803,20 @@ impl TransportKind {
                 let (guard, sock) = spawn_child(role, run, cpus.1)?;
                 let measured = {
                     let session = chan_session(sock, Role::Connector, want, "parent")?;
+                    if loan_mode() {
+                        let tx = session.open_channel::<Vec<u8>>()?;
+                        let rx = session.accept_channel_timeout::<Vec<u8>>(SETUP_TIMEOUT)?;
+                        let measured = drive(
+                            &mut LoanLink { tx, rx },
+                            run.mode,
+                            run.size,
+                            run.warmup,
+                            run.iters,
+                        );
+                        drop(session);
+                        guard.finish()?;
+                        return measured;
+                    }
                     let tx = session.open_channel::<Payload>()?;
                     let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
                     let mut link = ChanLink { tx, rx };
@@ -910,8 +1003,9 @@ fn fmt_rate(x: f64) -> String {
 }
 
 const USAGE: &str = "usage: pingpong --transport mem|unix|shm --size N [--iters K] [--warmup W] \
-[--mode rtt|rtt-parked|stream] [--json]\n  (--transport, --size and --mode take comma-separated \
-lists; sizes may end in k or m; rtt-parked runs for shm only)";
+[--mode rtt|rtt-parked|stream] [--loan] [--json]\n  (--transport, --size and --mode take \
+comma-separated lists; sizes may end in k or m; rtt-parked runs for shm only; --loan sends raw \
+bytes through Sender::<Vec<u8>>::loan instead of typed messages, rtt and stream only)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -950,6 +1044,7 @@ fn parent_main(args: &[String]) -> Res<()> {
             "--iters" => iters = Some(val()?.parse::<usize>()?),
             "--warmup" => warmup = Some(val()?.parse::<usize>()?),
             "--json" => json = true,
+            "--loan" => LOAN.store(true, std::sync::atomic::Ordering::Relaxed),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -977,6 +1072,12 @@ fn parent_main(args: &[String]) -> Res<()> {
         [] => return Err("no CPU in the affinity mask".into()),
     };
     pin(cpus.0)?;
+    if loan_mode() {
+        if modes.contains(&Mode::RttParked) {
+            return Err("--loan does not run rtt-parked".into());
+        }
+        eprintln!("pingpong: libchan sides send raw bytes through Sender::<Vec<u8>>::loan");
+    }
     let cores_note = if cpus.0 == cpus.1 {
         format!("ONE cpu only ({}), both sides share it", cpus.0)
     } else {
