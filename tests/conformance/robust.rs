@@ -521,9 +521,10 @@ pub fn c26_try_send_fills_then_drains<X: Transport>() {
             Err(TrySendError::Full(back)) => break back,
             Err(TrySendError::Disconnected(_)) => panic!("disconnected"),
         }
+        // Above any transport's per-channel bound (a 256 KiB window, a 4 MiB ring).
         assert!(
-            accepted < 4096,
-            "4 MiB buffered for a receiver that reads nothing"
+            accepted < 8192,
+            "8 MiB buffered for a receiver that reads nothing"
         );
     };
     assert!(accepted > 0);
