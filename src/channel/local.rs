@@ -11,8 +11,7 @@
 //! The channel is bounded twice: by its capacity in messages (as `pipe_with_capacity` says) and
 //! by the ring's bytes.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,8 @@ use super::inbox::{Entry, PushError, Wait};
 use super::source::{Lane, LanePop};
 use crate::message::{Lender, Lent, Packet};
 use crate::ring::region::HeapRegion;
-use crate::ring::spsc::{pair, Consumer, Producer, Record};
+use crate::ring::release::{self, Outstanding};
+use crate::ring::spsc::{pair, Consumer, Producer};
 use crate::sys::{futex_wait, futex_wake};
 
 /// Tag length in front of each record's payload (keeps the archive 16-byte aligned).
@@ -62,7 +62,7 @@ unsafe impl Sync for LocalRing {}
 struct ConsState {
     cons: Consumer<Region>,
     /// Records handed out (archives) or taken (boxes), oldest first, with whether done.
-    outstanding: VecDeque<(Record, bool)>,
+    outstanding: Outstanding,
 }
 
 impl LocalRing {
@@ -80,7 +80,7 @@ impl LocalRing {
             prod: Mutex::new(prod),
             cons: Mutex::new(ConsState {
                 cons,
-                outstanding: VecDeque::new(),
+                outstanding: Outstanding::default(),
             }),
             count: AtomicUsize::new(0),
             cap: cap.max(1),
@@ -254,16 +254,8 @@ impl LocalRing {
 
     /// Releases every leading record that is done.
     fn sweep(st: &mut ConsState) {
-        let mut last = None;
-        while let Some(&(rec, true)) = st.outstanding.front() {
-            last = Some(rec);
-            st.outstanding.pop_front();
-        }
-        if let Some(rec) = last {
-            st.cons.release_through(rec);
-            if let Some(w) = st.cons.wake_needed() {
-                let _ = futex_wake(w, 1);
-            }
+        if let Some(w) = st.outstanding.sweep(&mut st.cons) {
+            let _ = futex_wake(w, 1);
         }
     }
 
@@ -283,14 +275,14 @@ impl LocalRing {
         };
         self.uncount(st);
         if kind == TAG_BOXED {
-            st.outstanding.push_back((rec, true));
+            st.outstanding.push(rec, true);
             Self::sweep(st);
             // SAFETY: `push` wrote this pointer from `Box::into_raw`, and this is the only
             // place that takes it back, once per record (the record is consumed above).
             let packet = unsafe { Box::from_raw(word as usize as *mut Packet) };
             return Some(Entry::local(*packet));
         }
-        st.outstanding.push_back((rec, false));
+        st.outstanding.push(rec, false);
         let lender: Arc<dyn Lender> = self.me.upgrade().expect("a ring in use is alive");
         // SAFETY: the payload starts 16 bytes into a 16-byte aligned record and stays unchanged
         // until released, which only `give_back(rec.pos())` does.
@@ -313,9 +305,7 @@ fn tag(kind: u32) -> [u8; TAG_LEN] {
 impl Lender for LocalRing {
     fn give_back(&self, token: u64) {
         let mut st = self.cons();
-        if let Some(slot) = st.outstanding.iter_mut().find(|(r, _)| r.pos() == token) {
-            slot.1 = true;
-        }
+        st.outstanding.done(token);
         Self::sweep(&mut st);
     }
 }
@@ -360,9 +350,7 @@ impl Lane for LocalRing {
 
     fn park_prepare(&self) -> &AtomicU32 {
         let word = self.data_word();
-        // As in the ring: announce, then the SeqCst fence pairs with the producer's.
-        word.swap(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        release::park_prepare(word);
         word
     }
 
@@ -372,9 +360,7 @@ impl Lane for LocalRing {
 
     fn unpark(&self) {
         let word = self.data_word();
-        fence(Ordering::SeqCst);
-        if word.load(Ordering::Relaxed) != 0 {
-            word.store(0, Ordering::Relaxed);
+        if release::take_parked(word, false) {
             let _ = futex_wake(word, 1);
         }
     }

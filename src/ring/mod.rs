@@ -16,6 +16,7 @@ mod atomic;
 #[cfg(all(test, libchan_loom))]
 mod loom_models;
 pub(crate) mod region;
+pub(crate) mod release;
 pub(crate) mod shm;
 pub(crate) mod spsc;
 

@@ -26,15 +26,16 @@
 //! parked" word. The session's control thread wakes both words when the session ends.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 use super::conn::Conn;
 use crate::channel::{Entry, Lane, LanePop, PushError, Wait};
 use crate::message::{Bytes, Lender, Lent, Packet};
+use crate::ring::release::{self, Outstanding};
 use crate::ring::shm::ShmRegion;
-use crate::ring::spsc::{region_len, Consumer, Detached, Producer, Record};
+use crate::ring::spsc::{region_len, Consumer, Detached, Producer};
 use crate::ring::Corrupt;
 use crate::sys::{futex_wait, futex_wake};
 
@@ -318,7 +319,7 @@ unsafe impl Sync for RingIn {}
 struct InState {
     cons: Consumer<ShmRegion>,
     /// Records handed out or skipped, oldest first, with whether they are done.
-    outstanding: VecDeque<(Record, bool)>,
+    outstanding: Outstanding,
     /// Tags read that promise a message on the socket, not yet delivered.
     on_socket: usize,
     /// Sequence number of the oldest of those.
@@ -359,7 +360,7 @@ impl RingIn {
             rings_seen: conn.rings_seen().clone(),
             state: Mutex::new(InState {
                 cons,
-                outstanding: VecDeque::new(),
+                outstanding: Outstanding::default(),
                 on_socket: 0,
                 on_socket_seq: VecDeque::new(),
                 socket: VecDeque::new(),
@@ -429,7 +430,7 @@ impl RingIn {
         let mut bytes = Bytes::with_capacity(rec.len());
         bytes.resize(rec.len(), 0);
         st.cons.copy_to(rec, &mut bytes);
-        st.outstanding.push_back((rec, true));
+        st.outstanding.push(rec, true);
         Self::sweep(st);
         if bytes.len() < TAG_LEN {
             return Ok(Some(Staged {
@@ -472,16 +473,8 @@ impl RingIn {
 
     /// Releases every leading record that is done, and wakes a sender waiting for room.
     fn sweep(st: &mut InState) {
-        let mut last = None;
-        while let Some(&(rec, true)) = st.outstanding.front() {
-            last = Some(rec);
-            st.outstanding.pop_front();
-        }
-        if let Some(rec) = last {
-            st.cons.release_through(rec);
-            if let Some(word) = st.cons.wake_needed() {
-                let _ = futex_wake(word, 1);
-            }
+        if let Some(word) = st.outstanding.sweep(&mut st.cons) {
+            let _ = futex_wake(word, 1);
         }
     }
 }
@@ -489,9 +482,7 @@ impl RingIn {
 impl Lender for RingIn {
     fn give_back(&self, token: u64) {
         let mut st = self.lock();
-        if let Some(slot) = st.outstanding.iter_mut().find(|(r, _)| r.pos() == token) {
-            slot.1 = true;
-        }
+        st.outstanding.done(token);
         Self::sweep(&mut st);
     }
 }
@@ -597,7 +588,7 @@ impl Lane for RingIn {
                 Some(TAG_MESSAGE) => {
                     let ptr = bytes[TAG_LEN..].as_ptr();
                     let len = bytes.len() - TAG_LEN;
-                    st.outstanding.push_back((rec, false));
+                    st.outstanding.push(rec, false);
                     drop(st);
                     let lender: Arc<dyn Lender> =
                         self.me.upgrade().expect("a lane in use is alive");
@@ -615,7 +606,7 @@ impl Lane for RingIn {
                 }
                 Some(TAG_ON_SOCKET) => {
                     let seq = tag_seq(bytes);
-                    st.outstanding.push_back((rec, true));
+                    st.outstanding.push(rec, true);
                     Self::sweep(&mut st);
                     st.on_socket += 1;
                     st.on_socket_seq.push_back(seq);
@@ -697,10 +688,7 @@ impl Lane for RingIn {
 
     fn park_prepare(&self) -> &AtomicU32 {
         let word = self.word();
-        // Relaxed store, then the SeqCst fence: pairs with the fence in the producer's
-        // `wake_needed` (and in `unpark`), so either the waker sees 1 or we see its data.
-        word.store(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        release::park_prepare(word);
         word
     }
 
@@ -710,13 +698,9 @@ impl Lane for RingIn {
 
     fn unpark(&self) {
         let word = self.word();
-        // SeqCst fence: pairs with the one in `park_prepare` (the event this wakes for was
-        // published before it).
-        fence(Ordering::SeqCst);
         // An untrusted peer can zero the word under a sleeping receiver; the wake for a local
         // event (above all the session's end) must not depend on it.
-        if word.load(Ordering::Relaxed) != 0 || self.untrusted {
-            word.store(0, Ordering::Relaxed);
+        if release::take_parked(word, self.untrusted) {
             let _ = futex_wake(word, 1);
         }
     }
