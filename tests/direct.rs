@@ -7,9 +7,11 @@
 //! parent run. Every child is killed and reaped when its test ends, and exits on its own after
 //! a while.
 
+mod common;
+
+use common::{eventually, fresh_addr, with_timeout};
+
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -41,15 +43,6 @@ struct RxHand {
 struct TxHand {
     to: u32,
     tx: Sender<Item>,
-}
-
-fn fresh_addr() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "unix:@libchan-direct-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Child processes, killed and reaped on drop.
@@ -105,37 +98,6 @@ impl Drop for Kids {
     }
 }
 
-/// Runs `body` on a thread; fails the test if it takes longer than `limit`.
-fn with_timeout<T: Send + 'static>(
-    limit: Duration,
-    body: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (done, wait) = mpsc::channel();
-    let worker = thread::spawn(move || {
-        let out = body();
-        let _ = done.send(());
-        out
-    });
-    match wait.recv_timeout(limit) {
-        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-            worker.join().expect("test body panicked")
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test body hung for more than {limit:?}"),
-    }
-}
-
-/// Polls `f` until it returns true or `limit` passes; returns whether it did.
-fn eventually(limit: Duration, f: impl Fn() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    f()
-}
-
 /// `from>to` pairs, comma separated: the channels the creator hands out.
 fn parse_pairs(s: &str) -> Vec<(u32, u32)> {
     s.split(',')
@@ -161,7 +123,7 @@ fn all_pairs(n: u32) -> String {
 /// Starts a creator child that listens on a fresh address, waits for `peers` peers, hands out
 /// `pairs`, and exits once its relays are gone. Returns its index and address.
 fn spawn_creator(kids: &mut Kids, peers: u32, pairs: &str) -> (usize, String) {
-    let addr = fresh_addr();
+    let addr = fresh_addr("libchan-direct-test");
     let i = kids.spawn(
         "creator",
         &[

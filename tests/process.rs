@@ -11,10 +11,13 @@
 //! tables are freed) and 25 (SIGKILL of the peer wakes every blocked call with
 //! `Disconnected` within a second), plus a listener facing processes that are not libchan.
 
+mod common;
+
+use common::{fresh_addr, with_timeout};
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -70,16 +73,6 @@ fn shared() -> RwLockReadGuard<'static, ()> {
 
 fn exclusive() -> RwLockWriteGuard<'static, ()> {
     FD_LOCK.write().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A fresh abstract unix address, unique to this process and call.
-fn fresh_addr() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "unix:@libchan-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// A child process running `child_entry` in `role`.
@@ -152,28 +145,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Runs `body` on a thread and fails the test if it takes longer than `limit`. A panic in the
-/// body is re-raised here.
-fn with_timeout<T: Send + 'static>(
-    limit: Duration,
-    body: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (done, wait) = mpsc::channel();
-    let worker = thread::spawn(move || {
-        let out = body();
-        let _ = done.send(());
-        out
-    });
-    match wait.recv_timeout(limit) {
-        Ok(()) => worker.join().expect("test body panicked"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
-            Ok(_) => unreachable!("the body reports completion before it returns"),
-            Err(panic) => std::panic::resume_unwind(panic),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test timed out after {limit:?}"),
-    }
-}
-
 /// Bytes that every `Chunk` is cut from.
 fn pattern() -> Vec<u8> {
     (0..CHUNK + 256).map(|i| (i * 7 + i / 251) as u8).collect()
@@ -223,7 +194,7 @@ fn valid_hello() -> [u8; 32] {
 #[test]
 fn sigkill_wakes_blocked_send_recv_and_accept() {
     let _g = shared();
-    let addr = fresh_addr();
+    let addr = fresh_addr("libchan-test");
     let listener = libchan::listen(&addr).unwrap();
     let kid = Kid::spawn("sleeper", &addr);
     let _reap = KillOnDrop(vec![kid.clone()]);
@@ -310,7 +281,7 @@ fn sigkill_wakes_blocked_send_recv_and_accept() {
 #[test]
 fn sigkill_mid_message_delivers_complete_messages_then_disconnects() {
     let _g = shared();
-    let addr = fresh_addr();
+    let addr = fresh_addr("libchan-test");
     let listener = libchan::listen(&addr).unwrap();
     let kid = Kid::spawn("streamer", &addr);
     let _reap = KillOnDrop(vec![kid.clone()]);
@@ -363,7 +334,7 @@ fn closed_channels_and_streams_free_their_fds() {
     let _g = exclusive();
     let baseline = open_fds();
     {
-        let addr = fresh_addr();
+        let addr = fresh_addr("libchan-test");
         let listener = libchan::listen(&addr).unwrap();
         let kid = Kid::spawn("churn", &addr);
         let _reap = KillOnDrop(vec![kid.clone()]);
@@ -447,7 +418,7 @@ fn closed_channels_and_streams_free_their_fds() {
 #[test]
 fn handles_forwarded_to_a_third_process() {
     let _g = shared();
-    let addr = fresh_addr();
+    let addr = fresh_addr("libchan-test");
     let listener = libchan::listen(&addr).unwrap();
     let a = Kid::spawn("fwd_a", &addr);
     let _reap_a = KillOnDrop(vec![a.clone()]);
@@ -486,7 +457,7 @@ fn handles_forwarded_to_a_third_process() {
 #[test]
 fn listener_survives_peers_that_are_not_libchan() {
     let _g = shared();
-    let addr = fresh_addr();
+    let addr = fresh_addr("libchan-test");
     let listener = libchan::listen(&addr).unwrap();
     let garbage = Kid::spawn("garbage", &addr);
     let half = Kid::spawn("half_hello", &addr);
@@ -549,7 +520,7 @@ fn listener_survives_peers_that_are_not_libchan() {
 
 fn graceful_exit_keeps_channels_not_yet_accepted() {
     let _g = shared();
-    let addr = fresh_addr();
+    let addr = fresh_addr("libchan-test");
     let listener = libchan::listen(&addr).unwrap();
     let kid = Kid::spawn("send_and_exit", &addr);
     let _reap = KillOnDrop(vec![kid.clone()]);

@@ -5,8 +5,11 @@
 //! `LIBCHAN_SHM_ADDR` the address to connect to); `child_entry` is a no-op in the parent run.
 //! Every child is killed and reaped when its test ends, and exits on its own after a while.
 
+mod common;
+
+use common::{eventually, fd_count, fresh_addr, with_timeout};
+
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -21,15 +24,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn fresh_addr() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "unix:@libchan-shm-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Child processes, killed and reaped on drop.
@@ -71,31 +65,6 @@ impl Drop for Kids {
     }
 }
 
-/// Runs `body` on a thread; fails the test if it takes longer than `limit`.
-fn with_timeout<T: Send + 'static>(
-    limit: Duration,
-    body: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (done, wait) = mpsc::channel();
-    let worker = thread::spawn(move || {
-        let out = body();
-        let _ = done.send(());
-        out
-    });
-    match wait.recv_timeout(limit) {
-        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-            worker.join().expect("test body panicked")
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test body hung for more than {limit:?}"),
-    }
-}
-
-fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
-}
-
 /// Mappings of libchan ring memfds in this process.
 fn ring_mappings() -> usize {
     std::fs::read_to_string("/proc/self/maps")
@@ -111,25 +80,13 @@ fn thread_count() -> usize {
         .count()
 }
 
-/// Polls `f` until it returns true or `limit` passes; returns whether it did.
-fn eventually(limit: Duration, f: impl Fn() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    f()
-}
-
 /// A same-uid session between two processes runs on shared memory, and `Options::shm(false)`
 /// keeps it on the socket; both carry messages.
 #[test]
 fn same_uid_upgrades_and_opt_out_stays_on_the_socket() {
     let _g = serial();
     for (shm, want) in [(true, Transport::Shm), (false, Transport::Unix)] {
-        let addr = fresh_addr();
+        let addr = fresh_addr("libchan-shm-test");
         let listener = libchan::listen_with(&addr, &Options::new().shm(shm)).unwrap();
         let _kids = Kids::spawn("echo", &addr, 1);
         with_timeout(Duration::from_secs(20), move || {
@@ -154,7 +111,7 @@ fn sigkill_wakes_every_blocked_call_and_leaks_nothing() {
     let fds = fd_count();
     let maps = ring_mappings();
     let threads = thread_count();
-    let addr = fresh_addr();
+    let addr = fresh_addr("libchan-shm-test");
     let listener = libchan::listen(&addr).unwrap();
     let mut kids = Kids::spawn("victim", &addr, 1);
     let (session, when, blocked) = with_timeout(Duration::from_secs(20), move || {
@@ -244,7 +201,7 @@ fn four_processes_on_two_cores_stay_live() {
     const KIDS: usize = 4;
     const ROUNDS: u64 = 2000;
     let _g = serial();
-    let addr = fresh_addr();
+    let addr = fresh_addr("libchan-shm-test");
     let listener = libchan::listen(&addr).unwrap();
     let _kids = Kids::spawn("pinger", &addr, KIDS);
     let total = with_timeout(Duration::from_secs(60), move || {

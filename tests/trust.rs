@@ -7,8 +7,11 @@
 //! (`/proc/self/maps`). The cross-uid test re-executes this test binary as uid 65534 (needs
 //! root; it says so and skips otherwise).
 
+mod common;
+
+use common::{fresh_addr, with_timeout};
+
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -72,34 +75,6 @@ fn msg_immutable_to_peer<T: libchan::Message>(m: &Msg<T>) -> bool {
         }
         // Empty archives may point anywhere; everything else is in some mapping.
         None => m.as_bytes().is_empty(),
-    }
-}
-
-fn fresh_addr() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "unix:@libchan-trust-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Runs `body` on a thread; fails the test if it takes longer than `limit`.
-fn with_timeout<T: Send + 'static>(
-    limit: Duration,
-    body: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (done, wait) = mpsc::channel();
-    let worker = thread::spawn(move || {
-        let out = body();
-        let _ = done.send(());
-        out
-    });
-    match wait.recv_timeout(limit) {
-        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-            worker.join().expect("test body panicked")
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test body hung for more than {limit:?}"),
     }
 }
 
@@ -362,7 +337,7 @@ fn spawn_nobody(addr: &str, trust: &str) -> Kid {
 /// parent saw, and checks that messages flow both ways (each echoed, changed, by the child).
 fn cross_uid_session(trust: Trust) -> Transport {
     let opts = Options::new().trust(trust);
-    let addr = fresh_addr();
+    let addr = fresh_addr("libchan-trust-test");
     let listener = libchan::listen_with(&addr, &opts).unwrap();
     let name = match trust {
         Trust::Untrusted => "untrusted",
