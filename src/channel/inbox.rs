@@ -1,23 +1,22 @@
-//! The receiving side of every channel: a bounded FIFO of encoded messages.
+//! The receiving side of every channel.
 //!
-//! Local senders push into the inbox directly; a session pushes the messages it reads for the
-//! channel. A waiting receiver reads the session itself when one feeds the inbox and nobody is
-//! reading its socket (so a reply costs one kernel wake-up, not two); otherwise it spins for up
-//! to 10 us, checking after every pause (`spin_until`), and then parks until a pusher unparks
-//! it. A sender facing a full inbox spins and parks the same way.
+//! Messages reach an inbox two ways. Local senders write into the channel's ring (see `local`),
+//! and shared-memory sessions into rings of their own: these are *lanes*, read without the
+//! inbox's lock. Sessions without shared memory push what they read into `queue`. A waiting
+//! receiver polls the lanes, then the queue; with lanes it spins (adaptively, 2-50 us) and
+//! then sleeps on the first lane's futex word, which every local event (a push into the queue,
+//! a close, the session ending) also rings. Without lanes it reads a session itself when one
+//! feeds the inbox and nobody is reading its socket (so a reply costs one kernel wake-up, not
+//! two), or spins for up to 10 us and parks until a pusher unparks it.
 //!
 //! Invariants (all under `state`'s lock):
 //! - `senders` counts live local `SendCore`s plus open session feeds; the inbox is *closed* when
 //!   it reaches zero, and a receiver gets `Closed` (or `Disconnected` if a feed broke) once the
-//!   queue is drained;
-//! - `receivers` counts live `RecvCore`s; at zero, senders get `Disconnected` and queued
+//!   lanes and the queue are drained;
+//! - `receivers` counts live `RecvCore`s; at zero, senders get `Disconnected` and waiting
 //!   messages are dropped (closing their handles);
-//! - local senders never push past `cap` messages; session feeds are bounded by their credit
-//!   window instead, so they never block the thread that reads the socket.
-//!
-//! *Lanes* (shared-memory rings, one per sending process) are read without the lock: once an
-//! inbox has one, receivers poll the lanes first, then the queue, and sleep on the first lane's
-//! futex word, which every local event (a push, a close, the session ending) also rings.
+//! - the local ring holds at most `cap` messages; session feeds are bounded by their credit
+//!   windows or rings instead, so they never block the thread that reads the socket.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -107,7 +106,6 @@ struct State {
     /// The session a receiver is blocked reading right now: a local push rings its doorbell.
     driving: Option<Arc<dyn Feed>>,
     recv_waiters: Vec<Thread>,
-    send_waiters: Vec<Thread>,
 }
 
 /// Why a pop failed.
@@ -171,7 +169,6 @@ impl Inbox {
                 feeds: Vec::new(),
                 driving: None,
                 recv_waiters: Vec::new(),
-                send_waiters: Vec::new(),
             }),
             len: AtomicUsize::new(0),
             open_senders: AtomicUsize::new(0),
@@ -226,7 +223,7 @@ impl Inbox {
     }
 
     pub(crate) fn remove_receiver(&self) {
-        let (dropped, waiters, feeds) = {
+        let (dropped, feeds) = {
             let mut s = self.lock();
             s.receivers -= 1;
             self.open_receivers.store(s.receivers, Ordering::Release);
@@ -236,7 +233,7 @@ impl Inbox {
             self.len.store(0, Ordering::Relaxed);
             let dropped: Vec<Entry> = s.queue.drain(..).collect();
             let feeds = std::mem::take(&mut s.feeds);
-            (dropped, std::mem::take(&mut s.send_waiters), feeds)
+            (dropped, feeds)
         };
         // Sessions feeding us tell their peers the receiver is gone (RESET), before the credit
         // of the dropped messages goes back: a sender blocked for credit must see the reset
@@ -256,7 +253,7 @@ impl Inbox {
                 c.consumed(e.body_len());
             }
         }
-        self.wake_all(waiters);
+        // Local senders waiting for room were woken by their ring's `discard` above.
     }
 
     /// True when nobody can receive any more: sends fail.
@@ -388,11 +385,6 @@ impl Inbox {
                 let mut s = self.lock();
                 if let Some(e) = s.queue.pop_front() {
                     self.len.store(s.queue.len(), Ordering::Relaxed);
-                    let waiter = s.send_waiters.pop();
-                    drop(s);
-                    if let Some(t) = waiter {
-                        t.unpark();
-                    }
                     return Ok(e);
                 }
                 if s.senders == 0 {
@@ -594,11 +586,6 @@ impl Inbox {
                 let mut s = self.lock();
                 if let Some(e) = s.queue.pop_front() {
                     self.len.store(s.queue.len(), Ordering::Relaxed);
-                    let waiter = s.send_waiters.pop();
-                    drop(s);
-                    if let Some(t) = waiter {
-                        t.unpark();
-                    }
                     return Ok(e);
                 }
                 if s.senders == 0 {

@@ -208,27 +208,20 @@ impl OutChan {
     /// Sends over the channel's ring when the session has shared memory; `None` when the
     /// socket must carry this channel.
     fn send_shm(&self, packet: &Packet, wait: Wait) -> ShmSend {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        if let RingState::Unset = *ring {
-            *ring = self.make_ring();
-        }
-        let RingState::Ready(out) = &mut *ring else {
-            return ShmSend::NoRing;
-        };
+        self.with_ring(|out| self.send_on_ring(out, packet, wait))
+            .unwrap_or(ShmSend::NoRing)
+    }
+
+    fn send_on_ring(&self, out: &mut RingOut, packet: &Packet, wait: Wait) -> ShmSend {
+        let fits = out.fits(packet.bytes.len());
         let stop = || self.is_disconnected();
         let stamp = self.conn.next_stamp();
-        let write = |out: &mut RingOut, tag, bytes: &[u8], wait| match out
-            .write(tag, stamp, bytes, wait, &stop)
-        {
-            Ok(()) => Ok(()),
-            Err(RingWriteError::Push(e)) => Err(e),
-            Err(RingWriteError::Corrupt(c)) => {
-                self.conn.fail(&format!("peer broke a channel's ring: {c}"));
-                Err(PushError::Disconnected)
-            }
+        let mut write = |tag, bytes: &[u8]| {
+            out.write(tag, stamp, bytes, wait, &stop)
+                .map_err(|e| self.ring_error(e))
         };
-        if packet.handles.is_empty() && out.fits(packet.bytes.len()) {
-            return ShmSend::Done(write(out, TAG_MESSAGE, &packet.bytes, wait));
+        if packet.handles.is_empty() && fits {
+            return ShmSend::Done(write(TAG_MESSAGE, &packet.bytes));
         }
         // Handles or a large archive: the message goes on the socket (a large archive in a
         // sealed memfd), and a tag in the ring keeps its place. Credit first, so that once the
@@ -243,13 +236,40 @@ impl OutChan {
         } else {
             None
         };
-        if let Err(e) = write(out, TAG_ON_SOCKET, &[], wait) {
+        if let Err(e) = write(TAG_ON_SOCKET, &[]) {
             self.grant(cost.min(u64::from(u32::MAX)) as u32);
             return ShmSend::Done(Err(e));
         }
         match blob {
             Some(fd) => ShmSend::Done(self.conn.send_blob(self.id, packet.bytes.len(), fd)),
             None => ShmSend::Tagged,
+        }
+    }
+
+    /// Runs `f` on the channel's ring (made on first use), under the ring's lock; `None` when
+    /// the session has no shared memory or the ring could not be made.
+    fn with_ring<T>(&self, f: impl FnOnce(&mut RingOut) -> T) -> Option<T> {
+        if !self.conn.shm() {
+            return None;
+        }
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if let RingState::Unset = *ring {
+            *ring = self.make_ring();
+        }
+        match &mut *ring {
+            RingState::Ready(out) => Some(f(out)),
+            _ => None,
+        }
+    }
+
+    /// A ring failure as a send error; a ring the peer broke ends the session.
+    fn ring_error(&self, e: RingWriteError) -> PushError {
+        match e {
+            RingWriteError::Push(e) => e,
+            RingWriteError::Corrupt(c) => {
+                self.conn.fail(&format!("peer broke a channel's ring: {c}"));
+                PushError::Disconnected
+            }
         }
     }
 
@@ -347,30 +367,17 @@ impl Outlet for OutChan {
         wait: Wait,
         encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
     ) -> Option<Result<(), PushError>> {
-        if !self.conn.shm() {
-            return None;
-        }
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        if let RingState::Unset = *ring {
-            *ring = self.make_ring();
-        }
-        let RingState::Ready(out) = &mut *ring else {
-            return None;
-        };
-        if estimate > out.max_archive() {
-            return None;
-        }
-        let stamp = self.conn.next_stamp();
-        let stop = || self.is_disconnected();
-        match out.write_in_place(stamp, estimate, wait, &stop, encode) {
-            Ok(true) => Some(Ok(())),
-            Ok(false) => None,
-            Err(RingWriteError::Push(e)) => Some(Err(e)),
-            Err(RingWriteError::Corrupt(c)) => {
-                self.conn.fail(&format!("peer broke a channel's ring: {c}"));
-                Some(Err(PushError::Disconnected))
+        self.with_ring(|out| {
+            if estimate > out.max_archive() {
+                return None;
             }
-        }
+            let stop = || self.is_disconnected();
+            match out.write_in_place(self.conn.next_stamp(), estimate, wait, &stop, encode) {
+                Ok(true) => Some(Ok(())),
+                Ok(false) => None,
+                Err(e) => Some(Err(self.ring_error(e))),
+            }
+        })?
     }
 
     fn loan(
@@ -378,36 +385,22 @@ impl Outlet for OutChan {
         len: usize,
         wait: Wait,
     ) -> Option<Result<Box<dyn LoanSlot>, PushError>> {
-        if !self.conn.shm() {
-            return None;
-        }
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        if let RingState::Unset = *ring {
-            *ring = self.make_ring();
-        }
-        let RingState::Ready(out) = &mut *ring else {
-            return None;
-        };
-        if len > out.max_archive() {
-            return None;
-        }
-        let stamp = self.conn.next_stamp();
-        let stop = || self.is_disconnected();
-        let loaned = out.loan(stamp, len, wait, &stop);
-        drop(ring);
-        match loaned {
-            Ok((reserved, at)) => Some(Ok(Box::new(RingLoan {
+        let loaned = self.with_ring(|out| {
+            if len > out.max_archive() {
+                return None;
+            }
+            let stop = || self.is_disconnected();
+            Some(out.loan(self.conn.next_stamp(), len, wait, &stop))
+        })??;
+        Some(match loaned {
+            Ok((reserved, at)) => Ok(Box::new(RingLoan {
                 chan: self,
                 reserved: Some(reserved),
                 at,
                 len,
-            }))),
-            Err(RingWriteError::Push(e)) => Some(Err(e)),
-            Err(RingWriteError::Corrupt(c)) => {
-                self.conn.fail(&format!("peer broke a channel's ring: {c}"));
-                Some(Err(PushError::Disconnected))
-            }
-        }
+            })),
+            Err(e) => Err(self.ring_error(e)),
+        })
     }
 
     fn max_message(&self) -> usize {

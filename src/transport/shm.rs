@@ -407,11 +407,16 @@ impl RingIn {
         self.unpark();
     }
 
-    fn corrupt(&self, c: Corrupt) {
+    /// The peer broke the ring: the lane is done and the session ends. Takes the state lock's
+    /// guard to release it first (ending the session wakes, and may re-enter, this lane).
+    fn corrupt(&self, st: MutexGuard<'_, InState>, c: Corrupt) -> LanePop {
+        drop(st);
         self.dead.store(true, Ordering::Release);
+        self.finished.store(true, Ordering::Release);
         if let Some(conn) = self.conn.upgrade() {
             conn.fail(&format!("peer broke a channel's ring: {c}"));
         }
+        LanePop::Done
     }
 
     /// Copy-out mode: the next record, copied out of the ring and released at once (so the
@@ -522,12 +527,7 @@ impl Lane for RingIn {
                         }
                         return LanePop::Empty;
                     }
-                    Err(c) => {
-                        drop(st);
-                        self.corrupt(c);
-                        self.finished.store(true, Ordering::Release);
-                        return LanePop::Done;
-                    }
+                    Err(c) => return self.corrupt(st, c),
                 };
                 match staged.tag {
                     TAG_MESSAGE => {
@@ -547,12 +547,7 @@ impl Lane for RingIn {
                         st.on_socket_seq.push_back(staged.seq);
                         continue;
                     }
-                    _ => {
-                        drop(st);
-                        self.corrupt(Corrupt::new("unknown record tag"));
-                        self.finished.store(true, Ordering::Release);
-                        return LanePop::Done;
-                    }
+                    _ => return self.corrupt(st, Corrupt::new("unknown record tag")),
                 }
             }
             let rec = match st.cons.peek() {
@@ -563,12 +558,7 @@ impl Lane for RingIn {
                     }
                     return LanePop::Empty;
                 }
-                Err(c) => {
-                    drop(st);
-                    self.corrupt(c);
-                    self.finished.store(true, Ordering::Release);
-                    return LanePop::Done;
-                }
+                Err(c) => return self.corrupt(st, c),
             };
             // SAFETY: not copy-out mode, so a trusted same-uid producer (as below).
             let rings = tag_rings(unsafe { st.cons.bytes(rec) });
@@ -611,12 +601,7 @@ impl Lane for RingIn {
                     st.on_socket += 1;
                     st.on_socket_seq.push_back(seq);
                 }
-                _ => {
-                    drop(st);
-                    self.corrupt(Corrupt::new("unknown record tag"));
-                    self.finished.store(true, Ordering::Release);
-                    return LanePop::Done;
-                }
+                _ => return self.corrupt(st, Corrupt::new("unknown record tag")),
             }
         }
         self.finished.store(true, Ordering::Release);

@@ -258,23 +258,6 @@ impl Conn {
         token: u32,
         fingerprint: u64,
     ) -> Result<Arc<OutChan>, Error> {
-        let out = {
-            let mut t = self.lock_table();
-            if self.cannot_send() {
-                return Err(Error::Disconnected);
-            }
-            let id = t
-                .ids
-                .next()
-                .ok_or_else(|| Error::Protocol("channel ids exhausted".into()))?;
-            let out = OutChan::new(self.clone(), id);
-            t.outbound.insert(id, Arc::downgrade(&out));
-            out
-        };
-        let mut buf = Vec::with_capacity(24);
-        frame::encode_join(&mut buf, out.id, token, fingerprint);
-        self.write_frame(&[&buf], &[], &|| false)
-            .map_err(|_| Error::Disconnected)?;
-        Ok(out)
+        self.new_outbound(|buf, id| frame::encode_join(buf, id, token, fingerprint))
     }
 }

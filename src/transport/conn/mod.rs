@@ -301,6 +301,15 @@ impl Conn {
 
     /// Opens a channel we send on.
     pub(crate) fn open(self: &Arc<Self>, fingerprint: u64) -> Result<Arc<OutChan>, Error> {
+        self.new_outbound(|buf, id| frame::encode_open(buf, id, fingerprint))
+    }
+
+    /// Registers a new channel we send on, then writes the frame that announces it to the peer
+    /// (`announce` encodes it for the channel's id: OPEN, or JOIN on a direct session).
+    fn new_outbound(
+        self: &Arc<Self>,
+        announce: impl FnOnce(&mut Vec<u8>, u32),
+    ) -> Result<Arc<OutChan>, Error> {
         let out = {
             let mut t = self.lock_table();
             if self.cannot_send() {
@@ -315,7 +324,7 @@ impl Conn {
             out
         };
         let mut buf = Vec::with_capacity(24);
-        frame::encode_open(&mut buf, out.id, fingerprint);
+        announce(&mut buf, out.id);
         self.write_frame(&[&buf], &[], &|| false)
             .map_err(|_| Error::Disconnected)?;
         Ok(out)
