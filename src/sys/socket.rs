@@ -151,6 +151,34 @@ pub(crate) fn poll_with_doorbell(
     }))
 }
 
+/// Ends a connection now, even while other threads poll or write on `socket`: shuts it down,
+/// then puts a dead socket in its place (dup2), so the connection's last descriptor is closed
+/// and the kernel resets it if the peer's data is still unread. A peer blocked writing to us
+/// then fails at once instead of waiting for a reader that will never come (for TCP, a
+/// shutdown alone leaves it blocked). The descriptor number stays valid (reads see end of
+/// stream, writes fail) until its owner closes it.
+pub(crate) fn cut(socket: &OwnedFd) {
+    let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
+    let Ok((inert, far)) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+        None,
+    ) else {
+        return;
+    };
+    drop(far);
+    // SAFETY: the OwnedFd made here aliases `socket`'s descriptor and is never dropped
+    // (ManuallyDrop), so the descriptor keeps exactly one owner, `socket`; dup2 only swaps the
+    // file that number refers to.
+    let mut alias = std::mem::ManuallyDrop::new(unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(socket))
+    });
+    let _ = rustix::io::dup2(&inert, &mut alias);
+    // dup2 does not carry close-on-exec over; set it again.
+    let _ = rustix::io::fcntl_setfd(&*alias, rustix::io::FdFlags::CLOEXEC);
+}
+
 /// The user id of the process at the other end of a unix socket (SO_PEERCRED).
 pub(crate) fn peer_uid(socket: BorrowedFd<'_>) -> io::Result<u32> {
     let cred = rustix::net::sockopt::socket_peercred(socket)?;

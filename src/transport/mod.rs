@@ -17,9 +17,12 @@ mod blob;
 mod chan;
 mod conn;
 mod direct;
+mod link;
+mod net;
 mod shm;
 
 use std::fmt;
+use std::net::TcpListener;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -141,6 +144,12 @@ pub enum Transport {
     /// control and fds. Chosen automatically between processes of the same uid, and between
     /// any two processes that both use [`Trust::Untrusted`].
     Shm,
+    /// A TCP connection carrying frames; fds and byte streams are pumped through it.
+    Tcp,
+    /// TLS (rustls) over TCP.
+    Tls,
+    /// WebSocket binary messages (over TCP, or TLS for `wss://`).
+    Ws,
 }
 
 impl fmt::Display for Transport {
@@ -148,6 +157,9 @@ impl fmt::Display for Transport {
         match self {
             Transport::Unix => f.write_str("unix"),
             Transport::Shm => f.write_str("shm"),
+            Transport::Tcp => f.write_str("tcp"),
+            Transport::Tls => f.write_str("tls"),
+            Transport::Ws => f.write_str("ws"),
         }
     }
 }
@@ -179,9 +191,14 @@ pub struct Session {
 
 /// Accepts sessions on an address.
 pub struct Listener {
-    inner: UnixListener,
+    inner: Inner,
     path: Option<PathBuf>,
     opts: Options,
+}
+
+enum Inner {
+    Unix(UnixListener),
+    Tcp(TcpListener),
 }
 
 /// Listens on `addr` (`unix:PATH` or `unix:@NAME`).
@@ -215,7 +232,7 @@ pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
     let opts = opts.clone();
     match parse(addr)? {
         Addr::Path(path) => {
-            let inner = UnixListener::bind(&path)?;
+            let inner = Inner::Unix(UnixListener::bind(&path)?);
             Ok(Listener {
                 inner,
                 path: Some(path),
@@ -225,11 +242,16 @@ pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
         Addr::Abstract(name) => {
             let a = SocketAddr::from_abstract_name(name.as_bytes())?;
             Ok(Listener {
-                inner: UnixListener::bind_addr(&a)?,
+                inner: Inner::Unix(UnixListener::bind_addr(&a)?),
                 path: None,
                 opts,
             })
         }
+        Addr::Tcp(hostport) => Ok(Listener {
+            inner: Inner::Tcp(TcpListener::bind(hostport.as_str())?),
+            path: None,
+            opts,
+        }),
     }
 }
 
@@ -254,6 +276,10 @@ pub fn connect_with(addr: &str, opts: &Options) -> Result<Session, Error> {
         Addr::Abstract(name) => {
             UnixStream::connect_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?
         }
+        Addr::Tcp(hostport) => {
+            let stream = net::connect_tcp(&hostport, HANDSHAKE_TIMEOUT)?;
+            return Session::over(net::tcp_link(stream)?, Role::Connector, opts);
+        }
     };
     Session::from_unix_stream_with(stream, Role::Connector, opts)
 }
@@ -266,8 +292,44 @@ impl Listener {
     /// [`Error::Io`] when accepting fails, [`Error::Handshake`] when the peer is not a
     /// compatible libchan (the listener stays usable).
     pub fn accept(&self) -> Result<Session, Error> {
-        let (stream, _) = self.inner.accept()?;
-        Session::from_unix_stream_with(stream, Role::Acceptor, &self.opts)
+        match &self.inner {
+            Inner::Unix(l) => {
+                let (stream, _) = l.accept()?;
+                Session::from_unix_stream_with(stream, Role::Acceptor, &self.opts)
+            }
+            Inner::Tcp(l) => {
+                let (stream, _) = l.accept()?;
+                Session::over(net::tcp_link(stream)?, Role::Acceptor, &self.opts)
+            }
+        }
+    }
+
+    /// The address this listener serves, in the form [`connect`] takes: with the port the
+    /// system chose when the listener was bound to port 0 (`tcp://127.0.0.1:0`).
+    ///
+    /// ```
+    /// let listener = libchan::listen("tcp://127.0.0.1:0").unwrap();
+    /// let addr = listener.local_addr().unwrap();
+    /// assert!(addr.starts_with("tcp://127.0.0.1:") && !addr.ends_with(":0"));
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the system cannot say.
+    pub fn local_addr(&self) -> Result<String, Error> {
+        match &self.inner {
+            Inner::Unix(l) => {
+                let a = l.local_addr()?;
+                if let Some(name) = a.as_abstract_name() {
+                    Ok(format!("unix:@{}", String::from_utf8_lossy(name)))
+                } else if let Some(p) = a.as_pathname() {
+                    Ok(format!("unix:{}", p.display()))
+                } else {
+                    Err(Error::Address("unnamed unix socket".into()))
+                }
+            }
+            Inner::Tcp(l) => Ok(format!("tcp://{}", l.local_addr()?)),
+        }
     }
 }
 
@@ -331,6 +393,18 @@ impl Session {
         Ok(Session { conn })
     }
 
+    /// Runs the handshake over a connected link.
+    fn over(link: Box<dyn link::Link>, role: Role, opts: &Options) -> Result<Session, Error> {
+        let conn = Conn::establish_on(
+            link,
+            role == Role::Connector,
+            opts.limits(),
+            opts.trust,
+            HANDSHAKE_TIMEOUT,
+        )?;
+        Ok(Session { conn })
+    }
+
     /// Opens a channel to the peer, which receives it with [`accept_channel`]. Messages can
     /// be sent at once, before the peer accepts (they wait in the peer's window).
     ///
@@ -383,11 +457,7 @@ impl Session {
 
     /// The transport this session runs on.
     pub fn transport(&self) -> Transport {
-        if self.conn.shm() {
-            Transport::Shm
-        } else {
-            Transport::Unix
-        }
+        self.conn.transport()
     }
 
     /// True once the session broke or was closed.
@@ -400,9 +470,15 @@ impl Session {
         self.conn.error()
     }
 
-    /// The peer's user id, as the kernel reports it (SO_PEERCRED).
+    /// The peer's user id, as the kernel reports it (SO_PEERCRED); `None` across a network.
     pub fn peer_uid(&self) -> Option<u32> {
         self.conn.peer_uid()
+    }
+
+    /// Who the peer proved to be, on transports that authenticate peers: for TLS with client
+    /// certificates, the subject of the peer's certificate. `None` otherwise.
+    pub fn peer_identity(&self) -> Option<String> {
+        self.conn.peer_identity()
     }
 
     /// Channels the session currently tracks, in both directions.
@@ -442,12 +518,17 @@ impl fmt::Debug for Listener {
 enum Addr {
     Path(PathBuf),
     Abstract(String),
+    /// `HOST:PORT`, checked to have both.
+    Tcp(String),
 }
 
 fn parse(addr: &str) -> Result<Addr, Error> {
+    if let Some(rest) = addr.strip_prefix("tcp://") {
+        return net::host_port(addr, rest).map(Addr::Tcp);
+    }
     let Some(rest) = addr.strip_prefix("unix:") else {
         return Err(Error::Address(format!(
-            "{addr:?}: expected unix:PATH or unix:@NAME (other transports are not built yet)"
+            "{addr:?}: expected unix:PATH, unix:@NAME or tcp://HOST:PORT"
         )));
     };
     if let Some(name) = rest.strip_prefix('@') {
@@ -472,7 +553,12 @@ mod tests {
     fn addresses_parse() {
         assert!(matches!(parse("unix:/tmp/x"), Ok(Addr::Path(_))));
         assert!(matches!(parse("unix:@n"), Ok(Addr::Abstract(_))));
-        assert!(matches!(parse("tcp://1.2.3.4:5"), Err(Error::Address(_))));
+        assert!(matches!(parse("tcp://1.2.3.4:5"), Ok(Addr::Tcp(_))));
+        assert!(matches!(parse("tcp://[::1]:5"), Ok(Addr::Tcp(_))));
+        assert!(matches!(parse("tcp://1.2.3.4"), Err(Error::Address(_))));
+        assert!(matches!(parse("tcp://:5"), Err(Error::Address(_))));
+        assert!(matches!(parse("tcp://h:x"), Err(Error::Address(_))));
+        assert!(matches!(parse("udp://h:1"), Err(Error::Address(_))));
         assert!(matches!(parse("unix:"), Err(Error::Address(_))));
         assert!(matches!(parse("unix:@"), Err(Error::Address(_))));
     }

@@ -4,6 +4,7 @@
 //! transport. Adding a transport is one `impl Transport` here plus one `conformance!` line.
 
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -66,7 +67,7 @@ pub trait Transport: Sized + Send + Sync + 'static {
 
     /// A raw byte stream to a freshly handshaken session: the test speaks the wire protocol on
     /// the stream itself (docs/PROTOCOL.md). `None` when the transport has no wire.
-    fn raw_peer() -> Option<(UnixStream, Session)>;
+    fn raw_peer() -> Option<(Raw, Session)>;
 }
 
 /// Produces the receiving end of a [`Transport::late_channel`].
@@ -120,51 +121,162 @@ impl Transport for MemT {
         None
     }
 
-    fn raw_peer() -> Option<(UnixStream, Session)> {
+    fn raw_peer() -> Option<(Raw, Session)> {
         None
     }
 }
 
-/// Sessions over a `Session::pair` in this process: on the socket alone (`SHM = false`, the
-/// `unix` transport) or with shared-memory rings (`SHM = true`, the `shm` transport).
-pub struct SessionT<const SHM: bool> {
-    /// Opens the channels of `channel()` (the connector).
-    a: Arc<Session>,
-    /// Accepts them (the acceptor).
-    b: Arc<Session>,
+/// How a session transport connects two sessions in this process: the only part of a session
+/// transport that differs between `unix`, `shm`, `tcp` and the others.
+pub trait Wire: Send + Sync + 'static {
+    /// Short name, used in failure messages.
+    const NAME: &'static str;
+    /// The transport both sessions must report.
+    const TRANSPORT: libchan::Transport;
+    /// Whether fds and byte streams travel on this transport.
+    const FDS: bool = true;
+
+    /// A connected pair of sessions: (connector, acceptor).
+    fn connect() -> (Session, Session);
+
+    /// A raw byte stream to a session whose handshake is done: the test writes frames on it.
+    fn raw() -> (Raw, Session);
 }
 
-/// The unix transport: frames on the socket.
-pub type UnixT = SessionT<false>;
-/// The shm transport: rings in shared memory, the socket for control.
-pub type ShmT = SessionT<true>;
+/// Sessions over a `Session::pair` in this process: on the socket alone (`SHM = false`, the
+/// `unix` transport) or with shared-memory rings (`SHM = true`, the `shm` transport).
+pub struct Pair<const SHM: bool>;
 
-/// A session pair of the transport `SHM` selects.
-fn pair<const SHM: bool>() -> (Session, Session) {
-    let (a, b) = Session::pair_with(&Options::new().shm(SHM)).expect("Session::pair");
-    let want = if SHM {
+impl<const SHM: bool> Wire for Pair<SHM> {
+    const NAME: &'static str = if SHM { "shm" } else { "unix" };
+    const TRANSPORT: libchan::Transport = if SHM {
         libchan::Transport::Shm
     } else {
         libchan::Transport::Unix
     };
-    assert_eq!((a.transport(), b.transport()), (want, want));
-    (a, b)
+
+    fn connect() -> (Session, Session) {
+        Session::pair_with(&Options::new().shm(SHM)).expect("Session::pair")
+    }
+
+    fn raw() -> (Raw, Session) {
+        let (mut raw, theirs) = UnixStream::pair().expect("socketpair");
+        // Our hello first: the handshake then completes without a second thread.
+        raw.write_all(&crate::wire::hello()).expect("write hello");
+        let opts = Options::new().shm(SHM);
+        let session =
+            Session::from_unix_stream_with(theirs, Role::Acceptor, &opts).expect("handshake");
+        (Raw::Unix(raw), session)
+    }
 }
 
-impl<const SHM: bool> Transport for SessionT<SHM> {
-    fn name() -> &'static str {
-        if SHM {
-            "shm"
-        } else {
-            "unix"
+/// Sessions over TCP on loopback.
+pub struct TcpWire;
+
+impl Wire for TcpWire {
+    const NAME: &'static str = "tcp";
+    const TRANSPORT: libchan::Transport = libchan::Transport::Tcp;
+    const FDS: bool = false;
+
+    fn connect() -> (Session, Session) {
+        let listener = libchan::listen("tcp://127.0.0.1:0").expect("listen");
+        let addr = listener.local_addr().expect("local_addr");
+        let client = thread::spawn(move || libchan::connect(&addr).expect("connect"));
+        let server = listener.accept().expect("accept");
+        (client.join().expect("connect thread"), server)
+    }
+
+    fn raw() -> (Raw, Session) {
+        let listener = libchan::listen("tcp://127.0.0.1:0").expect("listen");
+        let addr = listener.local_addr().expect("local_addr");
+        let mut raw = TcpStream::connect(addr.trim_start_matches("tcp://")).expect("connect");
+        raw.write_all(&crate::wire::hello()).expect("write hello");
+        let session = listener.accept().expect("handshake");
+        (Raw::Tcp(raw), session)
+    }
+}
+
+/// The raw end of [`Wire::raw`].
+pub enum Raw {
+    /// A unix stream socket.
+    Unix(UnixStream),
+    /// A TCP connection.
+    Tcp(TcpStream),
+}
+
+impl Raw {
+    /// Another handle on the same stream.
+    pub fn try_clone(&self) -> std::io::Result<Raw> {
+        Ok(match self {
+            Raw::Unix(s) => Raw::Unix(s.try_clone()?),
+            Raw::Tcp(s) => Raw::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Raw::Unix(s) => s.set_read_timeout(t),
+            Raw::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Raw {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Raw::Unix(s) => s.read(buf),
+            Raw::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Raw {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Raw::Unix(s) => s.write(buf),
+            Raw::Tcp(s) => s.write(buf),
         }
     }
 
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Session transports: two sessions connected by the wire `W`.
+pub struct SessionT<W: Wire> {
+    /// Opens the channels of `channel()` (the connector).
+    a: Arc<Session>,
+    /// Accepts them (the acceptor).
+    b: Arc<Session>,
+    wire: std::marker::PhantomData<W>,
+}
+
+/// The unix transport: frames on the socket.
+pub type UnixT = SessionT<Pair<false>>;
+/// The shm transport: rings in shared memory, the socket for control.
+pub type ShmT = SessionT<Pair<true>>;
+/// The tcp transport: frames on a loopback TCP connection.
+pub type TcpT = SessionT<TcpWire>;
+
+/// A session pair of the wire `W`, checked to run on its transport.
+fn pair<W: Wire>() -> (Session, Session) {
+    let (a, b) = W::connect();
+    assert_eq!((a.transport(), b.transport()), (W::TRANSPORT, W::TRANSPORT));
+    (a, b)
+}
+
+impl<W: Wire> Transport for SessionT<W> {
+    fn name() -> &'static str {
+        W::NAME
+    }
+
     fn new() -> Self {
-        let (a, b) = pair::<SHM>();
+        let (a, b) = pair::<W>();
         SessionT {
             a: Arc::new(a),
             b: Arc::new(b),
+            wire: std::marker::PhantomData,
         }
     }
 
@@ -179,7 +291,7 @@ impl<const SHM: bool> Transport for SessionT<SHM> {
     }
 
     fn late_channel<T: Message>(&self) -> (Sender<T>, LateReceiver<T>) {
-        let (a, b) = pair::<SHM>();
+        let (a, b) = pair::<W>();
         let tx = a.open_channel::<T>().expect("open_channel");
         (
             tx,
@@ -196,7 +308,7 @@ impl<const SHM: bool> Transport for SessionT<SHM> {
     }
 
     fn channel_alone<T: Message>() -> (Sender<T>, Receiver<T>) {
-        let (a, b) = pair::<SHM>();
+        let (a, b) = pair::<W>();
         let tx = a.open_channel::<T>().expect("open_channel");
         let rx = b
             .accept_channel_timeout::<T>(PATIENCE)
@@ -205,7 +317,7 @@ impl<const SHM: bool> Transport for SessionT<SHM> {
     }
 
     fn passes_fds() -> bool {
-        true
+        W::FDS
     }
 
     fn max_message() -> Option<usize> {
@@ -226,13 +338,8 @@ impl<const SHM: bool> Transport for SessionT<SHM> {
         Some(self.a.channel_count() + self.b.channel_count())
     }
 
-    fn raw_peer() -> Option<(UnixStream, Session)> {
-        let (mut raw, theirs) = UnixStream::pair().expect("socketpair");
-        // Our hello first: the handshake then completes without a second thread.
-        raw.write_all(&crate::wire::hello()).expect("write hello");
-        let opts = Options::new().shm(SHM);
-        let session =
-            Session::from_unix_stream_with(theirs, Role::Acceptor, &opts).expect("handshake");
+    fn raw_peer() -> Option<(Raw, Session)> {
+        let (mut raw, session) = W::raw();
         let mut peer_hello = [0u8; 32];
         raw.set_read_timeout(Some(PATIENCE)).expect("timeout");
         raw.read_exact(&mut peer_hello).expect("read hello");

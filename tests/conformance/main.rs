@@ -78,4 +78,5 @@ macro_rules! conformance {
 
 conformance!(mem, crate::harness::MemT);
 conformance!(unix, crate::harness::UnixT);
+conformance!(tcp, crate::harness::TcpT);
 conformance!(shm, crate::harness::ShmT);

@@ -439,10 +439,7 @@ pub fn c23_too_large_refused_at_send<X: Transport>() {
 }
 
 /// Opens channel 1 (of `Vec<u8>`) from the raw peer and accepts it.
-fn open_and_accept(
-    raw: &mut std::os::unix::net::UnixStream,
-    session: &libchan::Session,
-) -> Receiver<Vec<u8>> {
+fn open_and_accept(raw: &mut crate::harness::Raw, session: &libchan::Session) -> Receiver<Vec<u8>> {
     raw.write_all(&wire::open(1, fingerprint::<Vec<u8>>()))
         .expect("write OPEN");
     session

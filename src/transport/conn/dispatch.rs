@@ -17,7 +17,6 @@ use crate::proto::frame::{self, GoAwayReason, HandleKind, Kind, ResetReason};
 use crate::proto::{id_is_peers, DecodeError};
 use crate::ring::shm::ShmRegion;
 use crate::ring::spsc::region_len;
-use crate::sys;
 
 use super::{Conn, Table};
 
@@ -380,7 +379,7 @@ impl Conn {
     fn dispatch_join(&self, chan: u32, token: u32, body: &[u8]) -> Result<(), Violation> {
         let fingerprint = frame::parse_join(body)?;
         let this = self.arc()?;
-        let joined = direct::joined(self.sock.as_raw_fd(), token)
+        let joined = direct::joined(self.link.fd().as_raw_fd(), token)
             .ok_or("JOIN frame that answers no introduction")?;
         let mut t = self.lock_table();
         if let Err(v) = self.check_new_peer_id(&t, chan) {
@@ -453,7 +452,8 @@ impl Conn {
             GoAwayReason::ProtocolError
         };
         frame::encode_goaway(&mut buf, reason, &text);
-        let _ = sys::send_with_fds(self.sock.as_fd(), &[IoSlice::new(&buf)], &[]);
+        let _ = self.link.send(&[IoSlice::new(&buf)], &[]);
+        let _ = self.link.flush();
         self.fail(&format!("protocol violation by peer: {}", v.text));
     }
 }

@@ -29,7 +29,8 @@ use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use super::chan::{InChan, OutChan};
-use super::Trust;
+use super::link::{Link, SocketLink};
+use super::{Transport, Trust};
 use crate::channel::{Drive, Feed, Inbox, PushError, RecvCore, Wait};
 use crate::error::Error;
 use crate::proto::decoder::Decoder;
@@ -44,7 +45,7 @@ const MAX_CONTROL_QUEUE: usize = 1 << 20;
 
 pub(crate) struct Conn {
     me: std::sync::Weak<Conn>,
-    sock: OwnedFd,
+    link: Box<dyn Link>,
     we_connected: bool,
     pub(crate) limits: Negotiated,
     peer_uid: Option<u32>,
@@ -100,7 +101,7 @@ struct Table {
 }
 
 impl Conn {
-    /// Runs the handshake on a connected stream and returns the live session.
+    /// Runs the handshake on a connected unix stream and returns the live session.
     pub(crate) fn establish(
         stream: UnixStream,
         we_connected: bool,
@@ -109,10 +110,30 @@ impl Conn {
         timeout: Duration,
     ) -> Result<Arc<Conn>, Error> {
         stream.set_nonblocking(true)?;
-        let sock = OwnedFd::from(stream);
+        let link = SocketLink::unix(OwnedFd::from(stream));
+        Self::establish_on(Box::new(link), we_connected, local, trust, timeout)
+    }
+
+    /// Runs the handshake on a connected, non-blocking link and returns the live session.
+    pub(crate) fn establish_on(
+        link: Box<dyn Link>,
+        we_connected: bool,
+        local: Limits,
+        trust: Trust,
+        timeout: Duration,
+    ) -> Result<Arc<Conn>, Error> {
         let deadline = Instant::now() + timeout;
-        let peer_uid = sys::peer_uid(sock.as_fd()).ok();
+        let peer_uid = if link.carries_fds() {
+            sys::peer_uid(link.fd()).ok()
+        } else {
+            None
+        };
         let mut local = local;
+        if !link.carries_fds() {
+            // Descriptors (and the shared memory that travels as descriptors) need a unix
+            // socket; across a network they are pumped as byte streams instead.
+            local.features = local.features.without(Features::FDS).without(Features::SHM);
+        }
         if trust == Trust::SameUid && peer_uid != Some(rustix::process::getuid().as_raw()) {
             // Shared memory only with a peer of our own uid: it is trusted to follow the ring
             // protocol (see docs/SECURITY.md). An untrusted peer may use it too, since every
@@ -125,10 +146,10 @@ impl Conn {
             .expect("a fresh handshake has a hello to send");
         let mut sent = 0;
         while sent < HELLO_LEN {
-            match sys::send_with_fds(sock.as_fd(), &[IoSlice::new(&hello[sent..])], &[]) {
+            match link.send(&[IoSlice::new(&hello[sent..])], &[]) {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_ready(&sock, false, deadline)?;
+                    wait_ready(&*link, false, deadline)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
@@ -140,7 +161,7 @@ impl Conn {
         let mut got = 0;
         while hs.poll_outcome().is_none() {
             let mut fds = Vec::new();
-            match sys::recv_with_fds(sock.as_fd(), &mut buf[got..], &mut fds) {
+            match link.recv(&mut buf[got..], &mut fds) {
                 Ok(0) => return Err(Error::Handshake("peer closed during the handshake".into())),
                 Ok(n) => {
                     if !fds.is_empty() {
@@ -153,7 +174,7 @@ impl Conn {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_ready(&sock, true, deadline)?;
+                    wait_ready(&*link, true, deadline)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
@@ -162,9 +183,19 @@ impl Conn {
         let limits = hs.poll_outcome().expect("checked by the loop above");
         let doorbell = sys::Doorbell::new()?;
         let shm = limits.features.contains(Features::SHM);
+        loop {
+            match link.flush() {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_ready(&*link, false, deadline)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let conn = Arc::new_cyclic(|me| Conn {
             me: me.clone(),
-            sock,
+            link,
             we_connected,
             peer_uid,
             reader: Mutex::new(Reader {
@@ -238,6 +269,21 @@ impl Conn {
     /// Whether this session moves messages through shared-memory rings.
     pub(crate) fn shm(&self) -> bool {
         self.shm
+    }
+
+    /// The transport this session runs on.
+    pub(crate) fn transport(&self) -> Transport {
+        if self.shm {
+            Transport::Shm
+        } else {
+            self.link.transport()
+        }
+    }
+
+    /// Who the peer proved to be, when the link authenticates peers (a TLS client
+    /// certificate).
+    pub(crate) fn peer_identity(&self) -> Option<String> {
+        self.link.peer_identity()
     }
 
     /// Whether messages read from the peer's rings must be copied out before validation
@@ -417,7 +463,7 @@ impl Conn {
     fn read_some(&self, seat: &mut Reader) -> bool {
         let Reader { dec, fds } = seat;
         let buf = dec.read_buf(64 * 1024);
-        let n = match sys::recv_with_fds(self.sock.as_fd(), buf, fds) {
+        let n = match self.link.recv(buf, fds) {
             Ok(0) if dec.buffered() > 0 => {
                 self.fail("peer closed the connection in the middle of a frame");
                 return true;
@@ -473,7 +519,8 @@ impl Conn {
         frame::encode_goaway(&mut buf, GoAwayReason::Normal, "closed by peer");
         if let Ok(_guard) = self.writer.lock() {
             let _ = self.flush_control(false);
-            let _ = sys::send_with_fds(self.sock.as_fd(), &[IoSlice::new(&buf)], &[]);
+            let _ = self.link.send(&[IoSlice::new(&buf)], &[]);
+            let _ = self.link.flush();
         }
         self.fail("closed locally");
     }
@@ -488,7 +535,7 @@ impl Conn {
         self.lock_table()
             .error
             .get_or_insert_with(|| reason.to_string());
-        let _ = rustix::net::shutdown(&self.sock, rustix::net::Shutdown::Both);
+        self.link.cut();
         let (inbound, outbound, waiters) = {
             let mut t = self.lock_table();
             t.reset_inbound.clear();
@@ -556,7 +603,7 @@ impl Feed for Conn {
             };
             let want_write = !self.control_is_empty();
             let bell = self.doorbell.as_fd();
-            match sys::poll_with_doorbell(self.sock.as_fd(), bell, want_write, timeout) {
+            match sys::poll_with_doorbell(self.link.fd(), bell, want_write, timeout) {
                 Ok(Some(r)) if r.writable && want_write => self.try_flush_control(),
                 Ok(Some(_)) => {}
                 Ok(None) => self.doorbell.clear(),
@@ -631,23 +678,18 @@ impl Drop for Conn {
                 break;
             }
             if !self.control_is_empty() {
-                let _ = sys::poll(
-                    self.sock.as_fd(),
-                    false,
-                    true,
-                    Some(Duration::from_millis(10)),
-                );
+                let _ = sys::poll(self.link.fd(), false, true, Some(Duration::from_millis(10)));
             }
         }
     }
 }
 
-fn wait_ready(sock: &OwnedFd, read: bool, deadline: Instant) -> Result<(), Error> {
+fn wait_ready(link: &dyn Link, read: bool, deadline: Instant) -> Result<(), Error> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(Error::Timeout);
     }
-    sys::poll(sock.as_fd(), read, !read, Some(left))?;
+    sys::poll(link.fd(), read, !read, Some(left))?;
     Ok(())
 }
 

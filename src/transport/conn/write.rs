@@ -72,7 +72,7 @@ impl Conn {
                 skip = 0;
             }
             let attach = if sent == 0 { fds } else { &[] };
-            match sys::send_with_fds(self.sock.as_fd(), &slices, attach) {
+            match self.link.send(&slices, attach) {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if sent == 0 && abort() {
@@ -91,10 +91,34 @@ impl Conn {
                 }
             }
         }
+        // A link that buffers (TLS, WebSocket) must have the frame on the wire before the
+        // writer seat is given up; for a socket this is a no-op.
+        self.flush_link(true)?;
         self.flush_control(false)?;
         drop(guard);
         self.try_flush_control();
         Ok(())
+    }
+
+    /// Pushes output the link accepted but could not write yet. Caller holds `writer`. With
+    /// `all`, waits until none is left.
+    fn flush_link(&self, all: bool) -> Result<(), PushError> {
+        loop {
+            match self.link.flush() {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !all {
+                        return Ok(());
+                    }
+                    self.wait_writable()?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.write_failed(&e);
+                    return Err(PushError::Disconnected);
+                }
+            }
+        }
     }
 
     /// Queues a control frame and writes it now if the writer is free.
@@ -155,12 +179,7 @@ impl Conn {
                         return;
                     }
                 }
-                let _ = sys::poll(
-                    conn.sock.as_fd(),
-                    false,
-                    true,
-                    Some(Duration::from_millis(50)),
-                );
+                let _ = sys::poll(conn.link.fd(), false, true, Some(Duration::from_millis(50)));
                 let flushed = match conn.writer.try_lock() {
                     Ok(_guard) => conn.flush_control(false).is_ok(),
                     Err(_) => true,
@@ -174,11 +193,14 @@ impl Conn {
         }
     }
 
+    /// True when no control frame waits in the queue and the link has written everything it
+    /// accepted.
     pub(super) fn control_is_empty(&self) -> bool {
         self.control
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty()
+            && !self.link.output_pending()
     }
 
     /// Writes queued control frames. Caller holds `writer`. With `all`, waits until every
@@ -187,9 +209,10 @@ impl Conn {
         loop {
             let mut q = self.control.lock().unwrap_or_else(|e| e.into_inner());
             if q.is_empty() {
-                return Ok(());
+                drop(q);
+                return self.flush_link(all);
             }
-            match sys::send_with_fds(self.sock.as_fd(), &[IoSlice::new(&q)], &[]) {
+            match self.link.send(&[IoSlice::new(&q)], &[]) {
                 Ok(n) => {
                     q.drain(..n);
                 }
@@ -217,7 +240,7 @@ impl Conn {
             Wait::Until(t) => t.saturating_duration_since(Instant::now()),
             Wait::Forever => return true,
         };
-        matches!(sys::poll(self.sock.as_fd(), false, true, Some(timeout)), Ok(r) if r.writable)
+        matches!(sys::poll(self.link.fd(), false, true, Some(timeout)), Ok(r) if r.writable)
     }
 
     /// Waits until the socket takes more bytes or something was read (which may have changed
@@ -229,7 +252,7 @@ impl Conn {
         }
         if let Ok(mut seat) = self.reader.try_lock() {
             let bell = self.doorbell.as_fd();
-            match sys::poll_with_doorbell(self.sock.as_fd(), bell, true, None) {
+            match sys::poll_with_doorbell(self.link.fd(), bell, true, None) {
                 Ok(Some(r)) if r.readable => {
                     self.read_some(&mut seat);
                 }
@@ -240,12 +263,7 @@ impl Conn {
             drop(seat);
             self.wake_seat_waiters();
         } else {
-            let _ = sys::poll(
-                self.sock.as_fd(),
-                false,
-                true,
-                Some(Duration::from_millis(5)),
-            );
+            let _ = sys::poll(self.link.fd(), false, true, Some(Duration::from_millis(5)));
         }
         if self.cannot_send() {
             return Err(PushError::Disconnected);

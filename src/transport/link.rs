@@ -1,0 +1,124 @@
+//! `Link`: the byte stream under a session, so the session engine (`conn`) runs unchanged on a
+//! unix socket, TCP, TLS or WebSocket.
+//!
+//! Every method is non-blocking: the engine waits for readiness itself, on [`Link::fd`]. A
+//! link that keeps bytes in user space (TLS records, WebSocket frames) must drain them before
+//! it reports `WouldBlock`, so that waiting on the descriptor never sleeps on data already
+//! here: `recv` returns buffered input first, and output it could not write yet is reported by
+//! [`Link::output_pending`] and pushed by [`Link::flush`].
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::sys;
+
+use super::Transport;
+
+/// A connected, non-blocking byte stream that a session runs on.
+pub(crate) trait Link: Send + Sync + 'static {
+    /// The descriptor to wait on for readiness (and to shut down when the session dies).
+    fn fd(&self) -> BorrowedFd<'_>;
+
+    /// Writes some of `bufs`, with `fds` attached to the first byte written (only links that
+    /// [`carry_fds`](Link::carry_fds) are ever given any). Returns how many bytes it took;
+    /// `WouldBlock` when it can take none now.
+    fn send(&self, bufs: &[IoSlice<'_>], fds: &[BorrowedFd<'_>]) -> io::Result<usize>;
+
+    /// Reads into `buf`, appending descriptors that came with the bytes to `fds`. `Ok(0)` is
+    /// the end of the stream; `WouldBlock` means nothing is buffered and the descriptor has
+    /// nothing to read.
+    fn recv(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize>;
+
+    /// Writes output that `send` accepted but could not write yet. `WouldBlock` while some is
+    /// left.
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// True while `flush` has something to write.
+    fn output_pending(&self) -> bool {
+        false
+    }
+
+    /// Whether descriptors travel with the bytes (SCM_RIGHTS).
+    fn carries_fds(&self) -> bool {
+        false
+    }
+
+    /// The transport to report for a session on this link (without shared memory).
+    fn transport(&self) -> Transport;
+
+    /// Who the peer proved to be, if the link authenticates it (a TLS client certificate).
+    fn peer_identity(&self) -> Option<String> {
+        None
+    }
+
+    /// Ends the connection (the session died): blocked peers and threads of ours waiting on
+    /// [`fd`](Link::fd) wake. The link only fails from now on.
+    fn cut(&self) {
+        let _ = rustix::net::shutdown(self.fd(), rustix::net::Shutdown::Both);
+    }
+}
+
+/// A socket used as it is: a unix stream socket (descriptors attached by SCM_RIGHTS) or a TCP
+/// connection.
+pub(crate) struct SocketLink {
+    sock: OwnedFd,
+    transport: Transport,
+}
+
+impl SocketLink {
+    /// A unix stream socket, already non-blocking.
+    pub(crate) fn unix(sock: OwnedFd) -> Self {
+        Self {
+            sock,
+            transport: Transport::Unix,
+        }
+    }
+
+    /// A TCP connection, already non-blocking.
+    pub(crate) fn tcp(sock: OwnedFd) -> Self {
+        Self {
+            sock,
+            transport: Transport::Tcp,
+        }
+    }
+}
+
+impl Link for SocketLink {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    fn send(&self, bufs: &[IoSlice<'_>], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+        if !fds.is_empty() && !self.carries_fds() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "descriptors on a link that cannot carry them",
+            ));
+        }
+        sys::send_with_fds(self.sock.as_fd(), bufs, fds)
+    }
+
+    fn recv(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+        sys::recv_with_fds(self.sock.as_fd(), buf, fds)
+    }
+
+    fn carries_fds(&self) -> bool {
+        self.transport == Transport::Unix
+    }
+
+    fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    fn cut(&self) {
+        if self.transport == Transport::Unix {
+            // A shutdown wakes a unix peer's blocked writes; the socket stays as it is (direct
+            // paths key pending introductions on its number).
+            let _ = rustix::net::shutdown(&self.sock, rustix::net::Shutdown::Both);
+        } else {
+            sys::cut(&self.sock);
+        }
+    }
+}
