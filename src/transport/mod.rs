@@ -20,6 +20,9 @@ mod direct;
 mod link;
 mod net;
 mod shm;
+mod tcp;
+mod tls;
+mod ws;
 
 use std::fmt;
 use std::net::TcpListener;
@@ -49,6 +52,9 @@ use crate::proto::handshake::{Features, Limits};
 pub struct Options {
     shm: bool,
     trust: Trust,
+    /// Certificates and keys for `tls://` and `wss://` (see the `tls` module).
+    #[allow(dead_code)] // Read once the TLS links are built.
+    tls: tls::TlsOptions,
 }
 
 impl Default for Options {
@@ -56,6 +62,7 @@ impl Default for Options {
         Self {
             shm: true,
             trust: Trust::default(),
+            tls: tls::TlsOptions::default(),
         }
     }
 }
@@ -198,7 +205,13 @@ pub struct Listener {
 
 enum Inner {
     Unix(UnixListener),
-    Tcp(TcpListener),
+    Tcp(tcp::Server),
+    Tls(TcpListener),
+    Ws {
+        listener: TcpListener,
+        path: String,
+        secure: bool,
+    },
 }
 
 /// Listens on `addr` (`unix:PATH` or `unix:@NAME`).
@@ -248,10 +261,36 @@ pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
             })
         }
         Addr::Tcp(hostport) => Ok(Listener {
-            inner: Inner::Tcp(TcpListener::bind(hostport.as_str())?),
+            inner: Inner::Tcp(tcp::Server::bind(&hostport, &opts)?),
             path: None,
             opts,
         }),
+        Addr::Tls(hostport) => {
+            tls::check_server(&opts)?;
+            Ok(Listener {
+                inner: Inner::Tls(TcpListener::bind(hostport.as_str())?),
+                path: None,
+                opts,
+            })
+        }
+        Addr::Ws {
+            hostport,
+            path,
+            secure,
+        } => {
+            if secure {
+                tls::check_server(&opts)?;
+            }
+            Ok(Listener {
+                inner: Inner::Ws {
+                    listener: TcpListener::bind(hostport.as_str())?,
+                    path,
+                    secure,
+                },
+                path: None,
+                opts,
+            })
+        }
     }
 }
 
@@ -276,9 +315,18 @@ pub fn connect_with(addr: &str, opts: &Options) -> Result<Session, Error> {
         Addr::Abstract(name) => {
             UnixStream::connect_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?
         }
-        Addr::Tcp(hostport) => {
-            let stream = net::connect_tcp(&hostport, HANDSHAKE_TIMEOUT)?;
-            return Session::over(net::tcp_link(stream)?, Role::Connector, opts);
+        Addr::Tcp(hostport) => return tcp::connect(&hostport, opts),
+        Addr::Tls(hostport) => {
+            let link = tls::connect(&hostport, opts, HANDSHAKE_TIMEOUT)?;
+            return Session::over(link, Role::Connector, opts);
+        }
+        Addr::Ws {
+            hostport,
+            path,
+            secure,
+        } => {
+            let link = ws::connect(&hostport, &path, secure, opts, HANDSHAKE_TIMEOUT)?;
+            return Session::over(link, Role::Connector, opts);
         }
     };
     Session::from_unix_stream_with(stream, Role::Connector, opts)
@@ -297,9 +345,20 @@ impl Listener {
                 let (stream, _) = l.accept()?;
                 Session::from_unix_stream_with(stream, Role::Acceptor, &self.opts)
             }
-            Inner::Tcp(l) => {
+            Inner::Tcp(server) => server.accept(&self.opts),
+            Inner::Tls(l) => {
                 let (stream, _) = l.accept()?;
-                Session::over(net::tcp_link(stream)?, Role::Acceptor, &self.opts)
+                let link = tls::accept(stream, &self.opts, HANDSHAKE_TIMEOUT)?;
+                Session::over(link, Role::Acceptor, &self.opts)
+            }
+            Inner::Ws {
+                listener,
+                path,
+                secure,
+            } => {
+                let (stream, _) = listener.accept()?;
+                let link = ws::accept(stream, path, *secure, &self.opts, HANDSHAKE_TIMEOUT)?;
+                Session::over(link, Role::Acceptor, &self.opts)
             }
         }
     }
@@ -328,7 +387,16 @@ impl Listener {
                     Err(Error::Address("unnamed unix socket".into()))
                 }
             }
-            Inner::Tcp(l) => Ok(format!("tcp://{}", l.local_addr()?)),
+            Inner::Tcp(server) => Ok(format!("tcp://{}", server.local_addr()?)),
+            Inner::Tls(l) => Ok(format!("tls://{}", l.local_addr()?)),
+            Inner::Ws {
+                listener,
+                path,
+                secure,
+            } => {
+                let scheme = if *secure { "wss" } else { "ws" };
+                Ok(format!("{scheme}://{}{path}", listener.local_addr()?))
+            }
         }
     }
 }
@@ -520,15 +588,40 @@ enum Addr {
     Abstract(String),
     /// `HOST:PORT`, checked to have both.
     Tcp(String),
+    /// `HOST:PORT`.
+    Tls(String),
+    /// `HOST:PORT` and the request path (starting with `/`); `secure` for `wss://`.
+    Ws {
+        hostport: String,
+        path: String,
+        secure: bool,
+    },
 }
 
 fn parse(addr: &str) -> Result<Addr, Error> {
     if let Some(rest) = addr.strip_prefix("tcp://") {
         return net::host_port(addr, rest).map(Addr::Tcp);
     }
+    if let Some(rest) = addr.strip_prefix("tls://") {
+        return net::host_port(addr, rest).map(Addr::Tls);
+    }
+    for (scheme, secure) in [("ws://", false), ("wss://", true)] {
+        if let Some(rest) = addr.strip_prefix(scheme) {
+            let (hostport, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            return Ok(Addr::Ws {
+                hostport: net::host_port(addr, hostport)?,
+                path: path.to_string(),
+                secure,
+            });
+        }
+    }
     let Some(rest) = addr.strip_prefix("unix:") else {
         return Err(Error::Address(format!(
-            "{addr:?}: expected unix:PATH, unix:@NAME or tcp://HOST:PORT"
+            "{addr:?}: expected unix:PATH, unix:@NAME, tcp://HOST:PORT, tls://HOST:PORT, \
+             ws://HOST:PORT/PATH or wss://HOST:PORT/PATH"
         )));
     };
     if let Some(name) = rest.strip_prefix('@') {
@@ -559,6 +652,15 @@ mod tests {
         assert!(matches!(parse("tcp://:5"), Err(Error::Address(_))));
         assert!(matches!(parse("tcp://h:x"), Err(Error::Address(_))));
         assert!(matches!(parse("udp://h:1"), Err(Error::Address(_))));
+        assert!(matches!(parse("tls://h:1"), Ok(Addr::Tls(_))));
+        assert!(matches!(
+            parse("ws://h:1/a/b"),
+            Ok(Addr::Ws { ref path, secure: false, .. }) if path == "/a/b"
+        ));
+        assert!(matches!(
+            parse("wss://h:1"),
+            Ok(Addr::Ws { ref path, secure: true, .. }) if path == "/"
+        ));
         assert!(matches!(parse("unix:"), Err(Error::Address(_))));
         assert!(matches!(parse("unix:@"), Err(Error::Address(_))));
     }
