@@ -1,7 +1,7 @@
 //! Ping-pong and streaming benchmark of libchan transports, measured against their floors.
 //!
 //! ```text
-//! cargo run --release --example pingpong -- --transport mem|unix|shm --size N
+//! cargo run --release --example pingpong -- --transport mem|unix|shm|tcp --size N
 //!     [--iters K] [--warmup W] [--mode rtt|rtt-parked|stream] [--json]
 //! ```
 //!
@@ -46,12 +46,19 @@
 //! sequence bytes, then the payload, written in place) instead of a typed `Payload`; floors
 //! are unchanged. Not with `rtt-parked`.
 //!
-//! A later transport (tcp, tls) plugs in as a [`TransportKind`] variant: it needs a way to
+//! * `tcp`: two real processes over loopback TCP; this process listens
+//!   (`libchan::listen_with("tcp://127.0.0.1:0")`), the child connects; shared memory is off
+//!   on both sides so the session stays on TCP (both check `transport() == Transport::Tcp`).
+//!   Floor: the same length-prefixed frames as `unix`, over a raw `TcpStream` with
+//!   `TCP_NODELAY` (which libchan sets too).
+//!
+//! A later transport (tls) plugs in as a [`TransportKind`] variant: it needs a way to
 //! build a [`ChanLink`] on both sides and a floor [`Link`]; the drivers are generic.
 
 use std::error::Error as StdError;
 use std::hint::black_box;
 use std::io::{self, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -313,6 +320,19 @@ impl RawLink<UnixStream> {
     }
 }
 
+impl RawLink<TcpStream> {
+    /// The TCP floor: Nagle off, as libchan sets it.
+    fn tcp(s: TcpStream) -> io::Result<Self> {
+        s.set_nodelay(true)?;
+        let w = s.try_clone()?;
+        Ok(RawLink {
+            r: BufReader::with_capacity(RAW_READ_BUF, s),
+            w,
+            buf: Vec::new(),
+        })
+    }
+}
+
 impl<S: Read + Write> RawLink<S> {
     /// Reads one frame into `buf`; `None` at a clean end of stream.
     fn read_frame(&mut self) -> Res<Option<(u64, usize)>> {
@@ -533,12 +553,18 @@ fn respond_parked(session: &Session, mut l: ChanLink) -> Res<()> {
 fn chan_session(sock: UnixStream, role: Role, want: Transport, side: &str) -> Res<Session> {
     let opts = Options::new().shm(want == Transport::Shm);
     let session = Session::from_unix_stream_with(sock, role, &opts)?;
+    check_transport(&session, want, side)?;
+    Ok(session)
+}
+
+/// Says on stderr which transport `side` got, and fails if it is not `want`.
+fn check_transport(session: &Session, want: Transport, side: &str) -> Res<()> {
     let got = session.transport();
     eprintln!("pingpong:   {side}: libchan session transport = {got}");
     if got != want {
         return Err(format!("{side}: libchan session runs on {got}, expected {want}").into());
     }
-    Ok(session)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -619,6 +645,10 @@ enum ChildRole {
     Raw,
     /// The shared-memory floors, over an inherited memfd.
     Shm,
+    /// libchan session over TCP to `--addr` (shared memory off).
+    ChanTcp,
+    /// Raw frames over TCP to `--addr`.
+    RawTcp,
 }
 
 impl ChildRole {
@@ -628,6 +658,8 @@ impl ChildRole {
             ChildRole::ChanShm => "chan-shm",
             ChildRole::Raw => "raw",
             ChildRole::Shm => "shm",
+            ChildRole::ChanTcp => "chan-tcp",
+            ChildRole::RawTcp => "raw-tcp",
         }
     }
 }
@@ -661,11 +693,19 @@ fn spawn_child(role: ChildRole, run: &Run, cpu: usize) -> Res<(ChildGuard, UnixS
     Ok((ChildGuard(Some(child)), ours))
 }
 
-/// Entry point of a re-executed child: its socket is its stdin (shm: its memfd is `--shm-fd`).
+/// Re-executes this program as the other side, to connect to `addr` itself.
+fn spawn_child_to(role: ChildRole, run: &Run, cpu: usize, addr: &str) -> Res<ChildGuard> {
+    let mut cmd = child_command(role, run, cpu)?;
+    cmd.args(["--addr", addr]).stdin(Stdio::null());
+    Ok(ChildGuard(Some(cmd.spawn()?)))
+}
+
+/// Entry point of a re-executed child: its socket is its stdin (shm: its memfd is `--shm-fd`;
+/// tcp: it connects to `--addr`).
 fn child_main(args: &[String]) -> Res<()> {
     let mut role = None;
     let (mut mode, mut size, mut warmup, mut iters, mut cpu) = (Mode::Rtt, 0, 0, 0, None);
-    let (mut shm_fd, mut yield_cpu) = (None, false);
+    let (mut shm_fd, mut yield_cpu, mut addr) = (None, false, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -676,6 +716,8 @@ fn child_main(args: &[String]) -> Res<()> {
                     "chan-shm" => ChildRole::ChanShm,
                     "raw" => ChildRole::Raw,
                     "shm" => ChildRole::Shm,
+                    "chan-tcp" => ChildRole::ChanTcp,
+                    "raw-tcp" => ChildRole::RawTcp,
                     r => return Err(format!("unknown child role {r}").into()),
                 })
             }
@@ -686,6 +728,7 @@ fn child_main(args: &[String]) -> Res<()> {
             "--cpu" => cpu = Some(val()?.parse()?),
             "--shm-fd" => shm_fd = Some(val()?.parse::<RawFd>()?),
             "--yield" => yield_cpu = true,
+            "--addr" => addr = Some(val()?.clone()),
             "--loan" => LOAN.store(true, std::sync::atomic::Ordering::Relaxed),
             x => return Err(format!("child: unknown argument {x}").into()),
         }
@@ -717,6 +760,24 @@ fn child_main(args: &[String]) -> Res<()> {
             }
         }
         ChildRole::Raw => respond(&mut RawLink::new(sock()?)?, mode, size, warmup, iters),
+        ChildRole::ChanTcp => {
+            let addr = addr.ok_or("child: tcp needs --addr")?;
+            let session = libchan::connect_with(&addr, &Options::new().shm(false))?;
+            check_transport(&session, Transport::Tcp, "child")?;
+            if loan_mode() {
+                let rx = session.accept_channel_timeout::<Vec<u8>>(SETUP_TIMEOUT)?;
+                let tx = session.open_channel::<Vec<u8>>()?;
+                return respond(&mut LoanLink { tx, rx }, mode, size, warmup, iters);
+            }
+            let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
+            let tx = session.open_channel::<Payload>()?;
+            respond(&mut ChanLink { tx, rx }, mode, size, warmup, iters)
+        }
+        ChildRole::RawTcp => {
+            let addr = addr.ok_or("child: raw tcp needs --addr")?;
+            let s = TcpStream::connect(addr.trim_start_matches("tcp://"))?;
+            respond(&mut RawLink::tcp(s)?, mode, size, warmup, iters)
+        }
         ChildRole::Shm => {
             let fd = shm_fd.ok_or("child: shm needs --shm-fd")?;
             shm_child(fd, mode, size, warmup + iters, yield_cpu)
@@ -736,6 +797,8 @@ enum TransportKind {
     Unix,
     /// Two processes, a libchan session with shared memory on (floors: shared memory).
     Shm,
+    /// Two processes over loopback TCP.
+    Tcp,
 }
 
 impl TransportKind {
@@ -744,8 +807,8 @@ impl TransportKind {
             "mem" => Ok(TransportKind::Mem),
             "unix" => Ok(TransportKind::Unix),
             "shm" => Ok(TransportKind::Shm),
-            "tcp" | "tls" => Err(format!("transport {s} is not built yet").into()),
-            _ => Err(format!("unknown transport {s} (mem, unix, shm)").into()),
+            "tcp" => Ok(TransportKind::Tcp),
+            _ => Err(format!("unknown transport {s} (mem, unix, shm, tcp)").into()),
         }
     }
 
@@ -754,6 +817,7 @@ impl TransportKind {
             TransportKind::Mem => "mem",
             TransportKind::Unix => "unix",
             TransportKind::Shm => "shm",
+            TransportKind::Tcp => "tcp",
         }
     }
 
@@ -764,6 +828,7 @@ impl TransportKind {
             (TransportKind::Shm, Mode::Rtt) => "cache-line ping-pong over a memfd, 2 processes",
             (TransportKind::Shm, Mode::RttParked) => "futex ping-pong over a memfd, 2 processes",
             (TransportKind::Shm, Mode::Stream) => "SPSC ring over a memfd, 2 processes",
+            (TransportKind::Tcp, _) => "raw loopback TCP (TCP_NODELAY), 2 processes",
         }
     }
 
@@ -772,7 +837,9 @@ impl TransportKind {
     /// transport measured before libchan implements it (tcp, tls) returns false here.
     fn has_libchan(self, mode: Mode) -> bool {
         match self {
-            TransportKind::Mem | TransportKind::Unix => mode != Mode::RttParked,
+            TransportKind::Mem | TransportKind::Unix | TransportKind::Tcp => {
+                mode != Mode::RttParked
+            }
             TransportKind::Shm => true,
         }
     }
@@ -780,6 +847,7 @@ impl TransportKind {
     /// libchan on this transport.
     fn measure_ours(self, run: &Run, cpus: (usize, usize)) -> Res<Measured> {
         match self {
+            TransportKind::Tcp => Self::measure_ours_tcp(run, cpus),
             TransportKind::Mem if loan_mode() => {
                 let (atx, arx) = libchan::pipe::<Vec<u8>>();
                 let (btx, brx) = libchan::pipe::<Vec<u8>>();
@@ -832,6 +900,40 @@ impl TransportKind {
         }
     }
 
+    /// libchan over loopback TCP: this process listens, the child connects.
+    fn measure_ours_tcp(run: &Run, cpus: (usize, usize)) -> Res<Measured> {
+        let opts = Options::new().shm(false);
+        let listener = libchan::listen_with("tcp://127.0.0.1:0", &opts)?;
+        let guard = spawn_child_to(ChildRole::ChanTcp, run, cpus.1, &listener.local_addr()?)?;
+        let measured = {
+            let session = listener.accept()?;
+            check_transport(&session, Transport::Tcp, "parent")?;
+            if loan_mode() {
+                let tx = session.open_channel::<Vec<u8>>()?;
+                let rx = session.accept_channel_timeout::<Vec<u8>>(SETUP_TIMEOUT)?;
+                drive(
+                    &mut LoanLink { tx, rx },
+                    run.mode,
+                    run.size,
+                    run.warmup,
+                    run.iters,
+                )?
+            } else {
+                let tx = session.open_channel::<Payload>()?;
+                let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
+                drive(
+                    &mut ChanLink { tx, rx },
+                    run.mode,
+                    run.size,
+                    run.warmup,
+                    run.iters,
+                )?
+            }
+        };
+        guard.finish()?;
+        Ok(measured)
+    }
+
     /// The floor for this transport, in the same shape.
     fn measure_floor(self, run: &Run, cpus: (usize, usize)) -> Res<Measured> {
         match self {
@@ -852,6 +954,18 @@ impl TransportKind {
                 Ok(measured)
             }
             TransportKind::Shm => measure_shm_floor(run, cpus),
+            TransportKind::Tcp => {
+                let listener = TcpListener::bind("127.0.0.1:0")?;
+                let addr = format!("tcp://{}", listener.local_addr()?);
+                let guard = spawn_child_to(ChildRole::RawTcp, run, cpus.1, &addr)?;
+                let measured = {
+                    let (sock, _) = listener.accept()?;
+                    let mut link = RawLink::tcp(sock)?;
+                    drive(&mut link, run.mode, run.size, run.warmup, run.iters)?
+                };
+                guard.finish()?;
+                Ok(measured)
+            }
         }
     }
 }
@@ -1002,7 +1116,8 @@ fn fmt_rate(x: f64) -> String {
     }
 }
 
-const USAGE: &str = "usage: pingpong --transport mem|unix|shm --size N [--iters K] [--warmup W] \
+const USAGE: &str =
+    "usage: pingpong --transport mem|unix|shm|tcp --size N [--iters K] [--warmup W] \
 [--mode rtt|rtt-parked|stream] [--loan] [--json]\n  (--transport, --size and --mode take \
 comma-separated lists; sizes may end in k or m; rtt-parked runs for shm only; --loan sends raw \
 bytes through Sender::<Vec<u8>>::loan instead of typed messages, rtt and stream only)";
