@@ -17,6 +17,7 @@ mod blob;
 mod chan;
 mod conn;
 mod direct;
+mod keepalive;
 mod link;
 mod net;
 mod shm;
@@ -55,6 +56,7 @@ pub struct Options {
     /// Certificates and keys for `tls://` and `wss://` (see the `tls` module).
     #[allow(dead_code)] // Read once the TLS links are built.
     tls: tls::TlsOptions,
+    keepalive: keepalive::Keepalive,
 }
 
 impl Default for Options {
@@ -63,6 +65,7 @@ impl Default for Options {
             shm: true,
             trust: Trust::default(),
             tls: tls::TlsOptions::default(),
+            keepalive: keepalive::Keepalive::default(),
         }
     }
 }
@@ -126,6 +129,30 @@ impl Options {
     /// read from a ring is copied out before validation. Has no effect with `shm(false)`.
     pub fn trust(mut self, trust: Trust) -> Self {
         self.trust = trust;
+        self
+    }
+
+    /// How network sessions (tcp, tls, ws) notice a peer that vanished without closing the
+    /// connection: after `interval` without hearing from the peer a PING is sent, and after
+    /// `timeout` the session ends (every blocked call returns `Disconnected`, and
+    /// [`Session::close_reason`] says why). Defaults: 10 s and 30 s. Unix and shared-memory
+    /// sessions learn of a dead peer from the kernel and need no pings.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let opts = libchan::Options::new().keepalive(Duration::from_secs(5), Duration::from_secs(15));
+    /// # let _ = opts;
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is zero or `timeout` is not longer than `interval`.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        assert!(
+            !interval.is_zero() && timeout > interval,
+            "keepalive: need 0 < interval < timeout"
+        );
+        self.keepalive = keepalive::Keepalive { interval, timeout };
         self
     }
 
@@ -463,11 +490,14 @@ impl Session {
 
     /// Runs the handshake over a connected link.
     fn over(link: Box<dyn link::Link>, role: Role, opts: &Options) -> Result<Session, Error> {
+        // Network links need pings to notice a vanished peer; unix sockets report it.
+        let keepalive = (!link.carries_fds()).then_some(opts.keepalive);
         let conn = Conn::establish_on(
             link,
             role == Role::Connector,
             opts.limits(),
             opts.trust,
+            keepalive,
             HANDSHAKE_TIMEOUT,
         )?;
         Ok(Session { conn })

@@ -454,6 +454,11 @@ impl Conn {
         frame::encode_goaway(&mut buf, reason, &text);
         let _ = self.link.send(&[IoSlice::new(&buf)], &[]);
         let _ = self.link.flush();
+        log::warn!(
+            "libchan: cutting off {}: protocol violation: {}",
+            self.peer(),
+            v.text
+        );
         self.fail(&format!("protocol violation by peer: {}", v.text));
     }
 }

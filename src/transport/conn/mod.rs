@@ -23,12 +23,13 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use super::chan::{InChan, OutChan};
+use super::keepalive::{self, Keepalive};
 use super::link::{Link, SocketLink};
 use super::{Transport, Trust};
 use crate::channel::{Drive, Feed, Inbox, PushError, RecvCore, Wait};
@@ -78,6 +79,14 @@ pub(crate) struct Conn {
     rings_seen: Arc<AtomicU32>,
     /// Rings holding back a record until more RING frames are dispatched.
     ring_waiters: Mutex<Vec<std::sync::Weak<super::shm::RingIn>>>,
+    /// Network sessions: how the peer's presence is checked (see `keepalive`).
+    keepalive: Option<Keepalive>,
+    /// When bytes last arrived from the peer (`keepalive::now_ms`).
+    last_heard: AtomicU64,
+    /// When we last sent a PING (`keepalive::now_ms`).
+    last_ping: AtomicU64,
+    /// Who the peer is, for log lines ("tcp 10.0.0.2:4711", "unix").
+    peer: String,
 }
 
 struct Reader {
@@ -111,18 +120,37 @@ impl Conn {
     ) -> Result<Arc<Conn>, Error> {
         stream.set_nonblocking(true)?;
         let link = SocketLink::unix(OwnedFd::from(stream));
-        Self::establish_on(Box::new(link), we_connected, local, trust, timeout)
+        Self::establish_on(Box::new(link), we_connected, local, trust, None, timeout)
     }
 
-    /// Runs the handshake on a connected, non-blocking link and returns the live session.
+    /// Runs the handshake on a connected, non-blocking link and returns the live session,
+    /// watched by `keepalive` if given.
     pub(crate) fn establish_on(
         link: Box<dyn Link>,
         we_connected: bool,
         local: Limits,
         trust: Trust,
+        keepalive: Option<Keepalive>,
         timeout: Duration,
     ) -> Result<Arc<Conn>, Error> {
         let deadline = Instant::now() + timeout;
+        let peer = peer_name(&*link);
+        let result = Self::handshake(link, we_connected, local, trust, keepalive, deadline, peer);
+        if let Err(e) = &result {
+            log::warn!("libchan: handshake failed: {e}");
+        }
+        result
+    }
+
+    fn handshake(
+        link: Box<dyn Link>,
+        we_connected: bool,
+        local: Limits,
+        trust: Trust,
+        keepalive: Option<Keepalive>,
+        deadline: Instant,
+        peer: String,
+    ) -> Result<Arc<Conn>, Error> {
         let peer_uid = if link.carries_fds() {
             sys::peer_uid(link.fd()).ok()
         } else {
@@ -226,7 +254,14 @@ impl Conn {
             rings_sent: AtomicU32::new(0),
             rings_seen: Arc::new(AtomicU32::new(0)),
             ring_waiters: Mutex::new(Vec::new()),
+            keepalive,
+            last_heard: AtomicU64::new(keepalive::now_ms()),
+            last_ping: AtomicU64::new(0),
+            peer,
         });
+        if keepalive.is_some() {
+            keepalive::watch(&conn);
+        }
         if shm {
             spawn_control_reader(&conn)?;
         }
@@ -264,6 +299,38 @@ impl Conn {
                 crate::channel::Lane::unpark(&*ring);
             }
         }
+    }
+
+    /// How this session checks that its peer is there (network sessions only).
+    pub(crate) fn keepalive(&self) -> Option<Keepalive> {
+        self.keepalive
+    }
+
+    /// Who the peer is, for log lines.
+    pub(crate) fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// When bytes last arrived from the peer, on `keepalive::now_ms`'s clock.
+    pub(crate) fn last_heard(&self) -> u64 {
+        self.last_heard.load(Ordering::Relaxed)
+    }
+
+    /// Sends a PING unless one went out less than `every_ms` ago.
+    pub(crate) fn ping_if_due(&self, now_ms: u64, every_ms: u64) {
+        let last = self.last_ping.load(Ordering::Relaxed);
+        // 0: no PING sent yet.
+        if (last != 0 && now_ms.saturating_sub(last) < every_ms)
+            || self
+                .last_ping
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let mut buf = Vec::with_capacity(24);
+        frame::encode_ping(&mut buf, now_ms);
+        self.send_control(&buf);
     }
 
     /// Whether this session moves messages through shared-memory rings.
@@ -472,7 +539,13 @@ impl Conn {
                 self.fail("peer closed the connection");
                 return true;
             }
-            Ok(n) => n,
+            Ok(n) => {
+                if self.keepalive.is_some() {
+                    self.last_heard
+                        .store(keepalive::now_ms(), Ordering::Relaxed);
+                }
+                n
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return true,
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
@@ -530,6 +603,7 @@ impl Conn {
         if self.dead.swap(true, Ordering::AcqRel) {
             return;
         }
+        log::debug!("libchan: session with {} ended: {reason}", self.peer);
         // The reason first: the shutdown below makes concurrent writes fail, and theirs is not
         // the reason.
         self.lock_table()
@@ -681,6 +755,18 @@ impl Drop for Conn {
                 let _ = sys::poll(self.link.fd(), false, true, Some(Duration::from_millis(10)));
             }
         }
+    }
+}
+
+/// The peer's transport and address, for log lines.
+fn peer_name(link: &dyn Link) -> String {
+    let addr = rustix::net::getpeername(link.fd())
+        .ok()
+        .flatten()
+        .and_then(|a| std::net::SocketAddr::try_from(a).ok());
+    match addr {
+        Some(a) => format!("{} {a}", link.transport()),
+        None => link.transport().to_string(),
     }
 }
 

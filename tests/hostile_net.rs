@@ -1,0 +1,295 @@
+//! Slow, silent and hostile network peers (issue 4 item 7): each is cut off with a logged
+//! reason, the sender's memory stays bounded, and other sessions keep working.
+//!
+//! The hostile peers are raw TCP clients speaking the wire protocol by hand
+//! (docs/PROTOCOL.md): a 32-byte hello, then 16-byte frame headers.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Mutex, Once};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::with_timeout;
+use libchan::{Error, Options, RecvTimeoutError, Session, Transport, TrySendError};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Log lines libchan wrote (the `log` facade), captured for the assertions below.
+static LOGGED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let line = format!("{} {}", record.level(), record.args());
+        LOGGED.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+
+    fn flush(&self) {}
+}
+
+fn capture_logs() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        log::set_logger(&Capture).expect("no other logger");
+        log::set_max_level(log::LevelFilter::Debug);
+    });
+}
+
+/// True once a captured log line contains every one of `parts`.
+fn logged(parts: &[&str]) -> bool {
+    common::eventually(Duration::from_secs(5), || {
+        LOGGED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| parts.iter().all(|p| l.contains(p)))
+    })
+}
+
+/// The reference hello without the FDS feature (docs/PROTOCOL.md §3).
+fn hello() -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[..4].copy_from_slice(b"LCHN");
+    h[4..6].copy_from_slice(&1u16.to_le_bytes());
+    h[16..20].copy_from_slice(&16_842_752u32.to_le_bytes());
+    h[20..24].copy_from_slice(&(16u32 << 20).to_le_bytes());
+    h[24..28].copy_from_slice(&(256u32 << 10).to_le_bytes());
+    h[28..32].copy_from_slice(&65_536u32.to_le_bytes());
+    h
+}
+
+fn header(len: u32, kind: u8, chan: u32) -> Vec<u8> {
+    let mut f = Vec::with_capacity(16);
+    f.extend_from_slice(&len.to_le_bytes());
+    f.extend_from_slice(&[kind, 0, 0, 0]);
+    f.extend_from_slice(&chan.to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f
+}
+
+/// A listener on a free loopback port, with `opts` (shared memory off: these are network
+/// sessions even though both ends are on this host).
+fn listener(opts: &Options) -> (libchan::Listener, String) {
+    let l = libchan::listen_with("tcp://127.0.0.1:0", &opts.clone().shm(false)).expect("listen");
+    let addr = l.local_addr().expect("local_addr");
+    (l, addr)
+}
+
+/// A raw client that completed the handshake: our hello sent, the server's read.
+fn raw_client(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr.trim_start_matches("tcp://")).expect("connect");
+    s.write_all(&hello()).expect("hello");
+    s
+}
+
+fn read_server_hello(raw: &mut TcpStream) {
+    let mut h = [0u8; 32];
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.read_exact(&mut h).expect("server hello");
+    assert_eq!(&h[..4], b"LCHN");
+}
+
+/// A healthy session pair on `l`, with a channel each way checked to work.
+fn healthy(l: &libchan::Listener, addr: &str) -> (Session, Session) {
+    let addr = addr.to_string();
+    let c = thread::spawn(move || {
+        libchan::connect_with(&addr, &Options::new().shm(false)).expect("connect")
+    });
+    let server = l.accept().expect("accept");
+    let client = c.join().unwrap();
+    assert_eq!(client.transport(), Transport::Tcp);
+    check_talks(&client, &server);
+    (client, server)
+}
+
+fn check_talks(a: &Session, b: &Session) {
+    let tx = a.open_channel::<u64>().expect("open");
+    tx.send(42).expect("send");
+    let rx = b
+        .accept_channel_timeout::<u64>(Duration::from_secs(5))
+        .expect("accept");
+    let m = rx.recv_timeout(Duration::from_secs(5)).expect("recv");
+    assert_eq!(*m, 42);
+}
+
+/// A peer that completes the handshake and then says nothing, not even to PINGs (a host that
+/// lost power looks the same): the session ends after the keepalive timeout, blocked calls
+/// wake with `Disconnected`, and the reason is logged.
+#[test]
+fn silent_peer_is_cut_off_by_keepalive() {
+    capture_logs();
+    with_timeout(LIMIT, || {
+        let opts = Options::new().keepalive(Duration::from_millis(100), Duration::from_millis(500));
+        let (l, addr) = listener(&opts);
+        let mut raw = raw_client(&addr);
+        let server = l.accept().expect("accept");
+        read_server_hello(&mut raw);
+        let start = Instant::now();
+        let err = server
+            .accept_channel_timeout::<u64>(Duration::from_secs(10))
+            .expect_err("no channel can come");
+        let waited = start.elapsed();
+        assert!(matches!(err, Error::Disconnected), "got {err:?}");
+        assert!(waited < Duration::from_secs(5), "took {waited:?}");
+        let reason = server.close_reason().expect("a reason");
+        assert!(reason.contains("keepalive"), "reason: {reason}");
+        assert!(logged(&["WARN", "cutting off tcp 127.0.0.1", "keepalive"]));
+        // The PINGs went out before the end: the peer saw frames of kind 6.
+        let mut got = Vec::new();
+        let _ = raw.read_to_end(&mut got);
+        let kinds: Vec<u8> = frames(&got).map(|(kind, _)| kind).collect();
+        assert!(kinds.contains(&6), "no PING among {kinds:?}");
+    });
+}
+
+/// (kind, body length) of each whole frame in `bytes`.
+fn frames(mut bytes: &[u8]) -> impl Iterator<Item = (u8, usize)> + '_ {
+    std::iter::from_fn(move || {
+        if bytes.len() < 16 {
+            return None;
+        }
+        let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+        let kind = bytes[4];
+        bytes = bytes.get(16 + len..).unwrap_or(&[]);
+        Some((kind, len))
+    })
+}
+
+/// Two healthy libchan peers with short keepalives stay connected while idle, with no thread
+/// of theirs reading: each side's pings are answered.
+#[test]
+fn idle_sessions_answer_each_others_pings() {
+    with_timeout(LIMIT, || {
+        let opts = Options::new().keepalive(Duration::from_millis(50), Duration::from_millis(300));
+        let (l, addr) = listener(&opts);
+        let c =
+            thread::spawn(move || libchan::connect_with(&addr, &opts.shm(false)).expect("connect"));
+        let server = l.accept().expect("accept");
+        let client = c.join().unwrap();
+        thread::sleep(Duration::from_millis(1500));
+        assert!(!client.is_closed(), "{:?}", client.close_reason());
+        assert!(!server.is_closed(), "{:?}", server.close_reason());
+        check_talks(&client, &server);
+        check_talks(&server, &client);
+    });
+}
+
+/// Garbage instead of a hello: `accept` reports a handshake error for that client (and logs
+/// it), and the listener and the sessions it already made keep working.
+#[test]
+fn garbage_client_is_refused_and_others_keep_working() {
+    capture_logs();
+    with_timeout(LIMIT, || {
+        let (l, addr) = listener(&Options::new());
+        let (a, b) = healthy(&l, &addr);
+        let mut junk = TcpStream::connect(addr.trim_start_matches("tcp://")).unwrap();
+        junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n and some more bytes..")
+            .unwrap();
+        match l.accept() {
+            Err(Error::Handshake(why)) => assert!(!why.is_empty()),
+            other => panic!("expected a handshake error, got {other:?}"),
+        }
+        assert!(logged(&["WARN", "handshake failed"]));
+        check_talks(&a, &b);
+        let (c, d) = healthy(&l, &addr);
+        check_talks(&d, &c);
+    });
+}
+
+/// A frame cut short by the connection closing ends that session with a reason; the others
+/// keep working.
+#[test]
+fn truncated_frame_ends_only_its_session() {
+    with_timeout(LIMIT, || {
+        let (l, addr) = listener(&Options::new());
+        let (a, b) = healthy(&l, &addr);
+        let mut raw = raw_client(&addr);
+        let server = l.accept().expect("accept");
+        read_server_hello(&mut raw);
+        let mut open = header(8, 1, 1);
+        open.extend_from_slice(&libchan::fingerprint::<Vec<u8>>().to_le_bytes());
+        raw.write_all(&open).unwrap();
+        let rx = server
+            .accept_channel_timeout::<Vec<u8>>(Duration::from_secs(5))
+            .expect("accept");
+        raw.write_all(&header(1000, 2, 1)).unwrap();
+        raw.write_all(&[7u8; 300]).unwrap();
+        drop(raw);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).map(|_| ()),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        let reason = server.close_reason().expect("reason");
+        assert!(reason.contains("middle of a frame"), "reason: {reason}");
+        check_talks(&a, &b);
+    });
+}
+
+/// A frame header announcing 4 GiB is refused at once (GOAWAY, logged, cut off), without
+/// waiting for or buffering a body; the others keep working.
+#[test]
+fn huge_length_is_cut_off_at_once() {
+    capture_logs();
+    with_timeout(LIMIT, || {
+        let (l, addr) = listener(&Options::new());
+        let (a, b) = healthy(&l, &addr);
+        let mut raw = raw_client(&addr);
+        let server = l.accept().expect("accept");
+        read_server_hello(&mut raw);
+        raw.write_all(&header(u32::MAX, 2, 1)).unwrap();
+        assert!(common::eventually(Duration::from_secs(5), || server.is_closed()));
+        let mut got = Vec::new();
+        let _ = raw.read_to_end(&mut got);
+        assert!(
+            frames(&got).any(|(kind, _)| kind == 8),
+            "no GOAWAY before the connection closed"
+        );
+        assert!(logged(&[
+            "WARN",
+            "cutting off tcp 127.0.0.1",
+            "protocol violation"
+        ]));
+        check_talks(&a, &b);
+    });
+}
+
+/// A peer that never reads: the sender's channel fills its credit window and then reports
+/// `Full`; what libchan buffers for that peer stays bounded by the window.
+#[test]
+fn peer_that_stops_reading_bounds_the_senders_memory() {
+    with_timeout(LIMIT, || {
+        let (l, addr) = listener(&Options::new());
+        let raw = raw_client(&addr);
+        let server = l.accept().expect("accept");
+        let tx = server.open_channel::<Vec<u8>>().expect("open");
+        let mut accepted = 0usize;
+        let full = loop {
+            match tx.try_send(vec![1u8; 4096]) {
+                Ok(()) => accepted += 1,
+                Err(TrySendError::Full(m)) => break m,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+            assert!(accepted < 10_000, "never reported Full");
+        };
+        assert_eq!(full.len(), 4096, "Full returns the message");
+        // The window the raw peer announced (256 KiB) bounds what was taken.
+        let bytes = accepted * 4096;
+        assert!(
+            bytes <= 256 << 10,
+            "{bytes} bytes accepted for a peer that never reads"
+        );
+        assert!(bytes >= 128 << 10, "only {bytes} bytes before Full");
+        // A blocking send waits for credit rather than buffering, and gives up on time.
+        let r = tx.send_timeout(vec![2u8; 4096], Duration::from_millis(200));
+        assert!(r.is_err(), "sent past the window");
+        drop(raw);
+    });
+}
