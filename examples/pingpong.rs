@@ -1,7 +1,7 @@
 //! Ping-pong and streaming benchmark of libchan transports, measured against their floors.
 //!
 //! ```text
-//! cargo run --release --example pingpong -- --transport mem|unix|shm|tcp --size N
+//! cargo run --release --example pingpong -- --transport mem|unix|shm|tcp|tls --size N
 //!     [--iters K] [--warmup W] [--mode rtt|rtt-parked|stream] [--json]
 //! ```
 //!
@@ -52,7 +52,12 @@
 //!   Floor: the same length-prefixed frames as `unix`, over a raw `TcpStream` with
 //!   `TCP_NODELAY` (which libchan sets too).
 //!
-//! A later transport (tls) plugs in as a [`TransportKind`] variant: it needs a way to
+//! * `tls`: as `tcp`, over TLS 1.3 (rustls with ring): the parent makes a throwaway CA and a
+//!   certificate for `localhost` (rcgen), listens on `tls://`, and hands the child the CA in a
+//!   temporary file. Floor: the same raw frames through a `rustls::StreamOwned` over
+//!   `TCP_NODELAY` sockets, same certificates, one `write_all` + `flush` per message.
+//!
+//! Another transport plugs in as a [`TransportKind`] variant: it needs a way to
 //! build a [`ChanLink`] on both sides and a floor [`Link`]; the drivers are generic.
 
 use std::error::Error as StdError;
@@ -65,6 +70,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::Ordering::{Acquire, Release};
 use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -353,6 +359,128 @@ impl<S: Read + Write> RawLink<S> {
         touch_check(seq, &self.buf[RAW_HDR..RAW_HDR + n])?;
         Ok(Some((seq, n)))
     }
+}
+
+/// The TLS floor: the same frames through a rustls stream (TLS 1.3, ring), one connection
+/// read and written by this one thread.
+struct RawTls<C> {
+    s: rustls::StreamOwned<C, TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl<C, D> RawTls<C>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    fn read_frame(&mut self) -> Res<Option<(u64, usize)>> {
+        let mut hdr = [0u8; RAW_HDR];
+        match self.s.read_exact(&mut hdr) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let len = u32::from_le_bytes(hdr[..4].try_into().unwrap()) as usize;
+        let seq = u64::from_le_bytes(hdr[4..].try_into().unwrap());
+        let n = len.checked_sub(8).ok_or("raw frame: bad length")?;
+        if self.buf.len() < RAW_HDR + n {
+            self.buf.resize(RAW_HDR + n, 0);
+        }
+        self.buf[..RAW_HDR].copy_from_slice(&hdr);
+        self.s.read_exact(&mut self.buf[RAW_HDR..RAW_HDR + n])?;
+        touch_check(seq, &self.buf[RAW_HDR..RAW_HDR + n])?;
+        Ok(Some((seq, n)))
+    }
+}
+
+impl<C, D> Link for RawTls<C>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    fn send_new(&mut self, seq: u64, size: usize) -> Res<()> {
+        let len = u32::try_from(8 + size).map_err(|_| "raw frame: too large")?;
+        self.buf.clear();
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&seq.to_le_bytes());
+        self.buf.resize(RAW_HDR + size, seq as u8);
+        self.s.write_all(&self.buf)?;
+        self.s.flush()?;
+        Ok(())
+    }
+
+    fn recv_check(&mut self) -> Res<Option<(u64, usize)>> {
+        self.read_frame()
+    }
+
+    fn echo(&mut self) -> Res<bool> {
+        match self.read_frame()? {
+            Some((_, n)) => {
+                self.s.write_all(&self.buf[..RAW_HDR + n])?;
+                self.s.flush()?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+/// A throwaway CA and a certificate for `localhost` it signed, for the `tls` runs; the CA goes
+/// to a file the child reads.
+struct TestPki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl TestPki {
+    fn new() -> Res<TestPki> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key)?.pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate()?;
+        let cert =
+            CertificateParams::new(vec!["localhost".to_string()])?.signed_by(&key, &issuer)?;
+        Ok(TestPki {
+            ca_pem,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    fn server_config(&self) -> Res<Arc<rustls::ServerConfig>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())?;
+        let cfg = rustls::ServerConfig::builder_with_provider(tls_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        Ok(Arc::new(cfg))
+    }
+}
+
+fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_client_config(ca_pem: &[u8]) -> Res<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c?)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(tls_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 impl<S: Read + Write> Link for RawLink<S> {
@@ -649,6 +777,10 @@ enum ChildRole {
     ChanTcp,
     /// Raw frames over TCP to `--addr`.
     RawTcp,
+    /// libchan session over TLS to `--addr`, trusting the CA in `--ca`.
+    ChanTls,
+    /// Raw frames through rustls over TCP to `--addr`, trusting the CA in `--ca`.
+    RawTls,
 }
 
 impl ChildRole {
@@ -660,6 +792,8 @@ impl ChildRole {
             ChildRole::Shm => "shm",
             ChildRole::ChanTcp => "chan-tcp",
             ChildRole::RawTcp => "raw-tcp",
+            ChildRole::ChanTls => "chan-tls",
+            ChildRole::RawTls => "raw-tls",
         }
     }
 }
@@ -693,6 +827,29 @@ fn spawn_child(role: ChildRole, run: &Run, cpu: usize) -> Res<(ChildGuard, UnixS
     Ok((ChildGuard(Some(child)), ours))
 }
 
+/// The CA certificate of a `tls` run, in a file for the child; removed on drop.
+struct CaFile(String);
+
+impl CaFile {
+    fn write(pki: &TestPki) -> Res<CaFile> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("pingpong-ca-{}-{n}.pem", std::process::id()));
+        std::fs::write(&path, &pki.ca_pem)?;
+        Ok(CaFile(path.to_string_lossy().into_owned()))
+    }
+
+    fn path(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for CaFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Re-executes this program as the other side, to connect to `addr` itself.
 fn spawn_child_to(role: ChildRole, run: &Run, cpu: usize, addr: &str) -> Res<ChildGuard> {
     let mut cmd = child_command(role, run, cpu)?;
@@ -705,7 +862,7 @@ fn spawn_child_to(role: ChildRole, run: &Run, cpu: usize, addr: &str) -> Res<Chi
 fn child_main(args: &[String]) -> Res<()> {
     let mut role = None;
     let (mut mode, mut size, mut warmup, mut iters, mut cpu) = (Mode::Rtt, 0, 0, 0, None);
-    let (mut shm_fd, mut yield_cpu, mut addr) = (None, false, None);
+    let (mut shm_fd, mut yield_cpu, mut addr, mut ca) = (None, false, None, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -718,6 +875,8 @@ fn child_main(args: &[String]) -> Res<()> {
                     "shm" => ChildRole::Shm,
                     "chan-tcp" => ChildRole::ChanTcp,
                     "raw-tcp" => ChildRole::RawTcp,
+                    "chan-tls" => ChildRole::ChanTls,
+                    "raw-tls" => ChildRole::RawTls,
                     r => return Err(format!("unknown child role {r}").into()),
                 })
             }
@@ -729,6 +888,7 @@ fn child_main(args: &[String]) -> Res<()> {
             "--shm-fd" => shm_fd = Some(val()?.parse::<RawFd>()?),
             "--yield" => yield_cpu = true,
             "--addr" => addr = Some(val()?.clone()),
+            "--ca" => ca = Some(val()?.clone()),
             "--loan" => LOAN.store(true, std::sync::atomic::Ordering::Relaxed),
             x => return Err(format!("child: unknown argument {x}").into()),
         }
@@ -760,10 +920,17 @@ fn child_main(args: &[String]) -> Res<()> {
             }
         }
         ChildRole::Raw => respond(&mut RawLink::new(sock()?)?, mode, size, warmup, iters),
-        ChildRole::ChanTcp => {
+        r @ (ChildRole::ChanTcp | ChildRole::ChanTls) => {
             let addr = addr.ok_or("child: tcp needs --addr")?;
-            let session = libchan::connect_with(&addr, &Options::new().shm(false))?;
-            check_transport(&session, Transport::Tcp, "child")?;
+            let (opts, want) = if r == ChildRole::ChanTls {
+                let ca = ca.ok_or("child: tls needs --ca")?;
+                let opts = Options::new().tls_ca(ca)?.tls_server_name("localhost")?;
+                (opts, Transport::Tls)
+            } else {
+                (Options::new(), Transport::Tcp)
+            };
+            let session = libchan::connect_with(&addr, &opts.shm(false))?;
+            check_transport(&session, want, "child")?;
             if loan_mode() {
                 let rx = session.accept_channel_timeout::<Vec<u8>>(SETUP_TIMEOUT)?;
                 let tx = session.open_channel::<Vec<u8>>()?;
@@ -777,6 +944,19 @@ fn child_main(args: &[String]) -> Res<()> {
             let addr = addr.ok_or("child: raw tcp needs --addr")?;
             let s = TcpStream::connect(addr.trim_start_matches("tcp://"))?;
             respond(&mut RawLink::tcp(s)?, mode, size, warmup, iters)
+        }
+        ChildRole::RawTls => {
+            let addr = addr.ok_or("child: raw tls needs --addr")?;
+            let ca = std::fs::read(ca.ok_or("child: raw tls needs --ca")?)?;
+            let s = TcpStream::connect(addr.trim_start_matches("tls://"))?;
+            s.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from("localhost")?;
+            let conn = rustls::ClientConnection::new(tls_client_config(&ca)?, name)?;
+            let mut link = RawTls {
+                s: rustls::StreamOwned::new(conn, s),
+                buf: Vec::new(),
+            };
+            respond(&mut link, mode, size, warmup, iters)
         }
         ChildRole::Shm => {
             let fd = shm_fd.ok_or("child: shm needs --shm-fd")?;
@@ -799,6 +979,8 @@ enum TransportKind {
     Shm,
     /// Two processes over loopback TCP.
     Tcp,
+    /// Two processes over TLS 1.3 (rustls, ring) on loopback TCP.
+    Tls,
 }
 
 impl TransportKind {
@@ -808,7 +990,8 @@ impl TransportKind {
             "unix" => Ok(TransportKind::Unix),
             "shm" => Ok(TransportKind::Shm),
             "tcp" => Ok(TransportKind::Tcp),
-            _ => Err(format!("unknown transport {s} (mem, unix, shm, tcp)").into()),
+            "tls" => Ok(TransportKind::Tls),
+            _ => Err(format!("unknown transport {s} (mem, unix, shm, tcp, tls)").into()),
         }
     }
 
@@ -818,6 +1001,7 @@ impl TransportKind {
             TransportKind::Unix => "unix",
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
+            TransportKind::Tls => "tls",
         }
     }
 
@@ -829,6 +1013,7 @@ impl TransportKind {
             (TransportKind::Shm, Mode::RttParked) => "futex ping-pong over a memfd, 2 processes",
             (TransportKind::Shm, Mode::Stream) => "SPSC ring over a memfd, 2 processes",
             (TransportKind::Tcp, _) => "raw loopback TCP (TCP_NODELAY), 2 processes",
+            (TransportKind::Tls, _) => "raw rustls TLS 1.3 over loopback TCP, 2 processes",
         }
     }
 
@@ -837,7 +1022,7 @@ impl TransportKind {
     /// transport measured before libchan implements it (tcp, tls) returns false here.
     fn has_libchan(self, mode: Mode) -> bool {
         match self {
-            TransportKind::Mem | TransportKind::Unix | TransportKind::Tcp => {
+            TransportKind::Mem | TransportKind::Unix | TransportKind::Tcp | TransportKind::Tls => {
                 mode != Mode::RttParked
             }
             TransportKind::Shm => true,
@@ -847,7 +1032,7 @@ impl TransportKind {
     /// libchan on this transport.
     fn measure_ours(self, run: &Run, cpus: (usize, usize)) -> Res<Measured> {
         match self {
-            TransportKind::Tcp => Self::measure_ours_tcp(run, cpus),
+            TransportKind::Tcp | TransportKind::Tls => self.measure_ours_net(run, cpus),
             TransportKind::Mem if loan_mode() => {
                 let (atx, arx) = libchan::pipe::<Vec<u8>>();
                 let (btx, brx) = libchan::pipe::<Vec<u8>>();
@@ -900,14 +1085,29 @@ impl TransportKind {
         }
     }
 
-    /// libchan over loopback TCP: this process listens, the child connects.
-    fn measure_ours_tcp(run: &Run, cpus: (usize, usize)) -> Res<Measured> {
-        let opts = Options::new().shm(false);
-        let listener = libchan::listen_with("tcp://127.0.0.1:0", &opts)?;
-        let guard = spawn_child_to(ChildRole::ChanTcp, run, cpus.1, &listener.local_addr()?)?;
+    /// libchan over loopback TCP or TLS: this process listens, the child connects.
+    fn measure_ours_net(self, run: &Run, cpus: (usize, usize)) -> Res<Measured> {
+        let (listener, guard, want) = if self == TransportKind::Tls {
+            let pki = TestPki::new()?;
+            let opts = Options::new()
+                .shm(false)
+                .tls_identity_pem(pki.cert_pem.as_bytes(), pki.key_pem.as_bytes())?;
+            let listener = libchan::listen_with("tls://127.0.0.1:0", &opts)?;
+            let ca = CaFile::write(&pki)?;
+            let mut cmd = child_command(ChildRole::ChanTls, run, cpus.1)?;
+            cmd.args(["--addr", &listener.local_addr()?, "--ca", ca.path()])
+                .stdin(Stdio::null());
+            let guard = ChildGuard(Some(cmd.spawn()?));
+            (listener, guard, Transport::Tls)
+        } else {
+            let listener = libchan::listen_with("tcp://127.0.0.1:0", &Options::new().shm(false))?;
+            let addr = listener.local_addr()?;
+            let guard = spawn_child_to(ChildRole::ChanTcp, run, cpus.1, &addr)?;
+            (listener, guard, Transport::Tcp)
+        };
         let measured = {
             let session = listener.accept()?;
-            check_transport(&session, Transport::Tcp, "parent")?;
+            check_transport(&session, want, "parent")?;
             if loan_mode() {
                 let tx = session.open_channel::<Vec<u8>>()?;
                 let rx = session.accept_channel_timeout::<Vec<u8>>(SETUP_TIMEOUT)?;
@@ -961,6 +1161,29 @@ impl TransportKind {
                 let measured = {
                     let (sock, _) = listener.accept()?;
                     let mut link = RawLink::tcp(sock)?;
+                    drive(&mut link, run.mode, run.size, run.warmup, run.iters)?
+                };
+                guard.finish()?;
+                Ok(measured)
+            }
+            TransportKind::Tls => {
+                let pki = TestPki::new()?;
+                let config = pki.server_config()?;
+                let listener = TcpListener::bind("127.0.0.1:0")?;
+                let addr = format!("tls://{}", listener.local_addr()?);
+                let ca = CaFile::write(&pki)?;
+                let mut cmd = child_command(ChildRole::RawTls, run, cpus.1)?;
+                cmd.args(["--addr", &addr, "--ca", ca.path()])
+                    .stdin(Stdio::null());
+                let guard = ChildGuard(Some(cmd.spawn()?));
+                let measured = {
+                    let (sock, _) = listener.accept()?;
+                    sock.set_nodelay(true)?;
+                    let conn = rustls::ServerConnection::new(config)?;
+                    let mut link = RawTls {
+                        s: rustls::StreamOwned::new(conn, sock),
+                        buf: Vec::new(),
+                    };
                     drive(&mut link, run.mode, run.size, run.warmup, run.iters)?
                 };
                 guard.finish()?;
@@ -1117,7 +1340,7 @@ fn fmt_rate(x: f64) -> String {
 }
 
 const USAGE: &str =
-    "usage: pingpong --transport mem|unix|shm|tcp --size N [--iters K] [--warmup W] \
+    "usage: pingpong --transport mem|unix|shm|tcp|tls --size N [--iters K] [--warmup W] \
 [--mode rtt|rtt-parked|stream] [--loan] [--json]\n  (--transport, --size and --mode take \
 comma-separated lists; sizes may end in k or m; rtt-parked runs for shm only; --loan sends raw \
 bytes through Sender::<Vec<u8>>::loan instead of typed messages, rtt and stream only)";
