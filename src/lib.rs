@@ -6,6 +6,7 @@ mod error;
 mod message;
 mod proto;
 mod ring;
+mod spawn;
 mod sys;
 mod transport;
 
@@ -22,6 +23,7 @@ pub use error::{
     TryRecvError, TrySendError,
 };
 pub use message::{fingerprint, ArchivedByteStream, ArchivedFd, ByteStream, Fd, Message};
+pub use spawn::{is_worker, parent, parent_with, spawn, spawn_with, SpawnOptions};
 pub use transport::{
     connect, connect_with, listen, listen_with, Listener, Options, Role, Session, Transport, Trust,
 };
