@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -176,14 +177,12 @@ pub struct TcpWire;
 impl Wire for TcpWire {
     const NAME: &'static str = "tcp";
     const TRANSPORT: libchan::Transport = libchan::Transport::Tcp;
-    const FDS: bool = false;
+    const FDS: bool = true;
 
     fn connect() -> (Session, Session) {
-        let listener = libchan::listen("tcp://127.0.0.1:0").expect("listen");
-        let addr = listener.local_addr().expect("local_addr");
-        let client = thread::spawn(move || libchan::connect(&addr).expect("connect"));
-        let server = listener.accept().expect("accept");
-        (client.join().expect("connect thread"), server)
+        // Without shared memory: on loopback the session would otherwise move to shm
+        // (PROTOCOL.md section 2.4) and this suite would not test TCP.
+        tcp_pair(Options::new().shm(false))
     }
 
     fn raw() -> (Raw, Session) {
@@ -196,12 +195,64 @@ impl Wire for TcpWire {
     }
 }
 
+/// Sessions that start on loopback TCP and move to a unix socket and shared memory (same host,
+/// same network namespace: PROTOCOL.md section 2.4).
+pub struct UpgradedWire;
+
+impl Wire for UpgradedWire {
+    const NAME: &'static str = "tcp_upgraded";
+    const TRANSPORT: libchan::Transport = libchan::Transport::Shm;
+
+    fn connect() -> (Session, Session) {
+        tcp_pair(Options::new())
+    }
+
+    fn raw() -> (Raw, Session) {
+        // The upgrade by hand: the request on TCP, the offer, the token on the offered
+        // abstract socket, then our hello there.
+        let listener = libchan::listen("tcp://127.0.0.1:0").expect("listen");
+        let addr = listener.local_addr().expect("local_addr");
+        // The server answers the request while someone accepts.
+        let accepted = thread::spawn(move || listener.accept());
+        let mut tcp = TcpStream::connect(addr.trim_start_matches("tcp://")).expect("connect");
+        tcp.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        tcp.write_all(b"LCHU\x01\x00\x00\x00")
+            .expect("upgrade request");
+        let mut offer = [0u8; 56];
+        tcp.read_exact(&mut offer).expect("upgrade offer");
+        assert_eq!(&offer[..8], b"LCHO\x01\x00\x01\x00", "an offer");
+        let name = std::os::unix::net::SocketAddr::from_abstract_name(&offer[24..56])
+            .expect("abstract name");
+        let mut raw = UnixStream::connect_addr(&name).expect("connect to the offer");
+        raw.write_all(b"LCHT\0\0\0\0").expect("token");
+        raw.write_all(&offer[8..24]).expect("token");
+        raw.write_all(&crate::wire::hello()).expect("write hello");
+        // Closing TCP commits the move.
+        drop(tcp);
+        let session = accepted.join().expect("accept thread").expect("handshake");
+        (Raw::Unix(raw), session)
+    }
+}
+
+/// A session pair over loopback TCP, the client using `client`: (connector, acceptor).
+fn tcp_pair(client: Options) -> (Session, Session) {
+    let listener = libchan::listen("tcp://127.0.0.1:0").expect("listen");
+    let addr = listener.local_addr().expect("local_addr");
+    let client = thread::spawn(move || libchan::connect_with(&addr, &client).expect("connect"));
+    let server = listener.accept().expect("accept");
+    (client.join().expect("connect thread"), server)
+}
+
 /// The raw end of [`Wire::raw`].
 pub enum Raw {
     /// A unix stream socket.
     Unix(UnixStream),
     /// A TCP connection.
     Tcp(TcpStream),
+    /// A WebSocket connection: bytes travel as binary messages.
+    Ws(crate::ws_wire::RawWs),
+    /// A TLS connection (rustls).
+    Tls(crate::tls_wire::RawTls),
 }
 
 impl Raw {
@@ -210,6 +261,8 @@ impl Raw {
         Ok(match self {
             Raw::Unix(s) => Raw::Unix(s.try_clone()?),
             Raw::Tcp(s) => Raw::Tcp(s.try_clone()?),
+            Raw::Ws(s) => Raw::Ws(s.try_clone()?),
+            Raw::Tls(s) => Raw::Tls(s.try_clone()?),
         })
     }
 
@@ -217,6 +270,8 @@ impl Raw {
         match self {
             Raw::Unix(s) => s.set_read_timeout(t),
             Raw::Tcp(s) => s.set_read_timeout(t),
+            Raw::Ws(s) => s.set_read_timeout(t),
+            Raw::Tls(s) => s.set_read_timeout(t),
         }
     }
 }
@@ -226,6 +281,8 @@ impl Read for Raw {
         match self {
             Raw::Unix(s) => s.read(buf),
             Raw::Tcp(s) => s.read(buf),
+            Raw::Ws(s) => s.read(buf),
+            Raw::Tls(s) => s.read(buf),
         }
     }
 }
@@ -235,6 +292,8 @@ impl Write for Raw {
         match self {
             Raw::Unix(s) => s.write(buf),
             Raw::Tcp(s) => s.write(buf),
+            Raw::Ws(s) => s.write(buf),
+            Raw::Tls(s) => s.write(buf),
         }
     }
 
@@ -258,6 +317,8 @@ pub type UnixT = SessionT<Pair<false>>;
 pub type ShmT = SessionT<Pair<true>>;
 /// The tcp transport: frames on a loopback TCP connection.
 pub type TcpT = SessionT<TcpWire>;
+/// The tcp transport upgraded on one host: started on TCP, moved to shared memory.
+pub type UpgradedT = SessionT<UpgradedWire>;
 
 /// A session pair of the wire `W`, checked to run on its transport.
 fn pair<W: Wire>() -> (Session, Session) {

@@ -11,7 +11,9 @@ mod harness;
 mod lifecycle;
 mod ported;
 mod robust;
+mod tls_wire;
 mod wire;
+mod ws_wire;
 
 /// Instantiates every case for one transport, as `mod $name { #[test] fn <case>() }`.
 macro_rules! conformance {
@@ -79,4 +81,8 @@ macro_rules! conformance {
 conformance!(mem, crate::harness::MemT);
 conformance!(unix, crate::harness::UnixT);
 conformance!(tcp, crate::harness::TcpT);
+conformance!(tls, crate::tls_wire::TlsT);
+conformance!(ws, crate::ws_wire::WsT);
+conformance!(ws_nginx, crate::ws_wire::WsNginxT);
+conformance!(tcp_upgraded, crate::harness::UpgradedT);
 conformance!(shm, crate::harness::ShmT);
