@@ -15,6 +15,13 @@ use crate::error::TakeError;
 /// the message value is dropped); the receiver gets its own descriptor for the same open file,
 /// bound to that message only.
 ///
+/// Across a network (tcp, tls and ws sessions cannot pass descriptors) the receiver gets one end
+/// of a unix socket pair instead, carrying the same bytes both ways: what can be read from the
+/// sent fd (for a file or memfd, its content from the current offset to the end, then EOF), and
+/// what the receiver writes, which the sending side writes into the fd. libchan pumps the bytes
+/// over the session with their own flow control, on two threads per fd on each side, for as
+/// long as both processes and the session live (docs/PROTOCOL.md section 5.6).
+///
 /// ```
 /// use std::io::{Read, Seek, Write};
 /// let mut file = tempfile_like();

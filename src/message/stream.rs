@@ -17,6 +17,12 @@ use crate::error::TakeError;
 /// calls with no libchan thread in between. Sending a `ByteStream` hands its end to the peer;
 /// the local value keeps a duplicate that is closed when the message value is dropped.
 ///
+/// Across a network (tcp, tls and ws sessions cannot pass descriptors) the receiver gets a
+/// socket pair end of its own, and libchan pumps the bytes between the two ends over the
+/// session, each direction with its own credit window, so a reader that stops reading stalls
+/// the writer instead of filling memory. [`close_write`](ByteStream::close_write) on either end
+/// makes the other read EOF, as on one host (docs/PROTOCOL.md section 5.6).
+///
 /// ```
 /// use std::io::{Read, Write};
 /// let (mut a, mut b) = libchan::ByteStream::pair().unwrap();

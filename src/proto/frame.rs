@@ -257,6 +257,10 @@ pub(crate) enum HandleKind {
     /// The reader gets a Sender into a channel of a third process, over a session of its own
     /// made on the frame's next fd (a socket); `chan` is the introduction's token.
     SenderDirect = 6,
+    /// An fd or byte stream that crosses as bytes (sessions without fds): the reader gets one
+    /// end of a socket pair whose bytes travel on two new channels, `chan` (writer to reader)
+    /// and the one [`HandleDesc::pumped`] names (reader to writer). Consumes no fd.
+    Pumped = 7,
 }
 
 impl HandleKind {
@@ -269,6 +273,7 @@ impl HandleKind {
             4 => Self::Receiver,
             5 => Self::SenderLocal,
             6 => Self::SenderDirect,
+            7 => Self::Pumped,
             _ => return None,
         })
     }
@@ -280,7 +285,10 @@ impl HandleKind {
 
     /// Whether descriptors of this kind name a channel (a nonzero `chan`).
     fn names_channel(self) -> bool {
-        matches!(self, Self::Sender | Self::Receiver | Self::SenderLocal)
+        matches!(
+            self,
+            Self::Sender | Self::Receiver | Self::SenderLocal | Self::Pumped
+        )
     }
 }
 
@@ -296,8 +304,29 @@ pub(crate) struct HandleDesc {
     pub(crate) kind: HandleKind,
     /// The channel named (0 for FD and STREAM).
     pub(crate) chan: u32,
-    /// The channel's type fingerprint (0 for FD and STREAM).
+    /// The channel's type fingerprint (0 for FD and STREAM). For PUMPED, bytes `[8..16]` of the
+    /// descriptor hold other fields instead: see [`HandleDesc::pumped`].
     pub(crate) fingerprint: u64,
+}
+
+/// What the reader of a PUMPED descriptor gets: the handle kind the writer's fd had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PumpedAs {
+    /// An [`Fd`](crate::Fd) (wire value 1, as the FD handle kind).
+    Fd,
+    /// A [`ByteStream`](crate::ByteStream) (wire value 2, as the STREAM handle kind).
+    Stream,
+}
+
+/// The two channels and the handle kind of a PUMPED descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pumped {
+    /// The channel the descriptor's writer sends the fd's bytes on (its reader receives).
+    pub(crate) to_reader: u32,
+    /// The channel the descriptor's reader sends its end's bytes on (its writer receives).
+    pub(crate) to_writer: u32,
+    /// What the reader gets.
+    pub(crate) kind: PumpedAs,
 }
 
 impl HandleDesc {
@@ -308,6 +337,43 @@ impl HandleDesc {
             chan: 0,
             fingerprint: 0,
         }
+    }
+
+    /// A PUMPED descriptor: `chan` is `p.to_reader`; bytes `[8..12]` of the descriptor hold
+    /// `p.to_writer`, byte 12 the handle kind the reader gets (1 FD, 2 STREAM), bytes
+    /// `[13..16]` are zero.
+    pub(crate) fn pumped(p: Pumped) -> Self {
+        let kind: u64 = match p.kind {
+            PumpedAs::Fd => HandleKind::Fd as u64,
+            PumpedAs::Stream => HandleKind::Stream as u64,
+        };
+        Self {
+            kind: HandleKind::Pumped,
+            chan: p.to_reader,
+            fingerprint: u64::from(p.to_writer) | kind << 32,
+        }
+    }
+
+    /// The fields of a PUMPED descriptor; `None` for other kinds or when its fields break the
+    /// rules [`parse`](Self::parse) checks.
+    pub(crate) fn as_pumped(&self) -> Option<Pumped> {
+        if self.kind != HandleKind::Pumped {
+            return None;
+        }
+        let to_writer = self.fingerprint as u32;
+        let kind = match self.fingerprint >> 32 {
+            1 => PumpedAs::Fd,
+            2 => PumpedAs::Stream,
+            _ => return None,
+        };
+        if self.chan == 0 || to_writer == 0 || to_writer == self.chan {
+            return None;
+        }
+        Some(Pumped {
+            to_reader: self.chan,
+            to_writer,
+            kind,
+        })
     }
 
     /// The 16 wire bytes of this descriptor.
@@ -324,7 +390,8 @@ impl HandleDesc {
     /// # Errors
     ///
     /// [`DecodeError::BadHandle`] for an unknown kind, nonzero reserved bytes, a channel or
-    /// fingerprint on FD/STREAM, or channel 0 on SENDER/RECEIVER/SENDER_LOCAL.
+    /// fingerprint on FD/STREAM, channel 0 on SENDER/RECEIVER/SENDER_LOCAL, or a PUMPED
+    /// descriptor whose fields break [`HandleDesc::pumped`]'s rules.
     pub(crate) fn parse(bytes: &[u8], index: u16) -> Result<Self, DecodeError> {
         let bad = |what| DecodeError::BadHandle { index, what };
         let mut r = Reader::new(bytes);
@@ -342,11 +409,17 @@ impl HandleDesc {
         if kind.names_channel() && chan == 0 {
             return Err(bad("channel handle names channel 0"));
         }
-        Ok(Self {
+        let desc = Self {
             kind,
             chan,
             fingerprint,
-        })
+        };
+        if kind == HandleKind::Pumped && desc.as_pumped().is_none() {
+            return Err(bad(
+                "pumped handle needs two distinct nonzero channels and kind 1 or 2",
+            ));
+        }
+        Ok(desc)
     }
 }
 
@@ -969,7 +1042,7 @@ mod tests {
         let bad = |what| Err(DecodeError::BadHandle { index: 0, what });
 
         let mut d = HandleDesc::fd().encode();
-        d[0] = 7;
+        d[0] = 8;
         assert_eq!(
             parse_data(&header(1, 0), &d).map(|_| ()),
             bad("unknown handle kind")
@@ -1102,5 +1175,94 @@ mod tests {
         // Its fd is counted like an FD's.
         let h = Header::new(Kind::Data, 1, 1, 16);
         assert!(parse_data(&h, &bytes).is_err());
+    }
+
+    #[test]
+    fn pumped_descriptor_layout_and_round_trip() {
+        let p = Pumped {
+            to_reader: 3,
+            to_writer: 5,
+            kind: PumpedAs::Fd,
+        };
+        let d = HandleDesc::pumped(p);
+        let bytes = d.encode();
+        assert_eq!(bytes, [7, 0, 0, 0, 3, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(HandleDesc::parse(&bytes, 0), Ok(d));
+        assert_eq!(d.as_pumped(), Some(p));
+        let s = HandleDesc::pumped(Pumped {
+            kind: PumpedAs::Stream,
+            ..p
+        });
+        assert_eq!(s.encode()[12], 2);
+        assert_eq!(s.as_pumped().map(|p| p.kind), Some(PumpedAs::Stream));
+        // It consumes no fd.
+        let h = Header::new(Kind::Data, 1, 1, 16);
+        let (descs, _) = parse_data(&h, &bytes).unwrap();
+        assert_eq!(descs.collect::<Vec<_>>(), vec![d]);
+        let mut h = Header::new(Kind::Data, 1, 1, 16);
+        h.nfds = 1;
+        assert!(parse_data(&h, &bytes).is_err());
+    }
+
+    #[test]
+    fn protocol_md_pumped_example() {
+        // docs/PROTOCOL.md section 5.6, byte for byte.
+        let mut out = Vec::new();
+        let pumped = HandleDesc::pumped(Pumped {
+            to_reader: 3,
+            to_writer: 5,
+            kind: PumpedAs::Fd,
+        });
+        encode_data(&mut out, 1, &[pumped], 8, 0);
+        out.extend_from_slice(&42u64.to_le_bytes());
+        encode_data(&mut out, 3, &[], 3, 0);
+        out.extend_from_slice(b"hi\n");
+        encode_close(&mut out, 3);
+        encode_data(&mut out, 5, &[], 2, 0);
+        out.extend_from_slice(b"ok");
+        encode_close(&mut out, 5);
+        #[rustfmt::skip]
+        let expect = [
+            0x18, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0,
+            7, 0, 0, 0, 3, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0,
+            0x2a, 0, 0, 0, 0, 0, 0, 0,
+            3, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0,
+            0x68, 0x69, 0x0a,
+            0, 0, 0, 0, 3, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0,
+            2, 0, 0, 0, 2, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,
+            0x6f, 0x6b,
+            0, 0, 0, 0, 3, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(out, expect);
+    }
+
+    #[test]
+    fn pumped_descriptor_rejects_bad_fields() {
+        let good = HandleDesc::pumped(Pumped {
+            to_reader: 3,
+            to_writer: 5,
+            kind: PumpedAs::Stream,
+        })
+        .encode();
+        for (at, value) in [
+            (4, 0),  // to_reader 0
+            (8, 0),  // to_writer 0
+            (8, 3),  // the same channel both ways
+            (12, 0), // no handle kind
+            (12, 3), // not FD or STREAM
+            (13, 1), // nonzero padding
+            (15, 1),
+            (1, 1), // reserved byte
+        ] {
+            let mut d = good;
+            d[at] = value;
+            assert!(
+                matches!(
+                    HandleDesc::parse(&d, 2),
+                    Err(DecodeError::BadHandle { index: 2, .. })
+                ),
+                "byte {at} = {value}"
+            );
+        }
     }
 }

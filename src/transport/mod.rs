@@ -20,6 +20,7 @@ mod direct;
 mod keepalive;
 mod link;
 mod net;
+mod pump;
 mod shm;
 mod tcp;
 mod tls;
@@ -54,7 +55,6 @@ pub struct Options {
     shm: bool,
     trust: Trust,
     /// Certificates and keys for `tls://` and `wss://` (see the `tls` module).
-    #[allow(dead_code)] // Read once the TLS links are built.
     tls: tls::TlsOptions,
     keepalive: keepalive::Keepalive,
 }
@@ -118,7 +118,9 @@ impl Options {
 
     /// Whether a unix session may move messages through shared memory (both sides must allow
     /// it, and the peer must have this process's uid unless [`Options::trust`] says
-    /// [`Trust::Untrusted`]). On by default.
+    /// [`Trust::Untrusted`]). On by default. It also lets a `tcp://` session move to a unix
+    /// socket (and then shared memory) when both ends share a host and a network namespace;
+    /// with `shm(false)` on either side it stays on TCP.
     pub fn shm(mut self, on: bool) -> Self {
         self.shm = on;
         self
@@ -553,7 +555,8 @@ impl Session {
         Ok(Receiver::from_core(rx))
     }
 
-    /// The transport this session runs on.
+    /// The transport this session runs on: [`Transport::Shm`] (or [`Transport::Unix`]) for a
+    /// `tcp://` session that moved to a unix socket on the same host.
     pub fn transport(&self) -> Transport {
         self.conn.transport()
     }

@@ -439,8 +439,15 @@ pub fn c08_fd_bound_to_its_message<X: Transport>() {
     }
     const CONTENT: &[u8] = b"the file of message 2 \xe2\x9c\x93";
     let t = X::new();
+    // Across a network the fd arrives as a socket that carries the file's bytes from its
+    // offset on (PROTOCOL.md section 5.6), not as the same open file.
+    let pumped = t.sessions().is_some_and(|(a, _)| {
+        use libchan::Transport::{Tcp, Tls, Ws};
+        matches!(a.transport(), Tcp | Tls | Ws)
+    });
     let (tx, rx) = t.channel::<MaybeFd>();
-    let file = temp_file(X::name(), CONTENT);
+    let mut file = temp_file(X::name(), CONTENT);
+    file.rewind().expect("rewind");
     let inode = file.metadata().expect("metadata").ino();
     tx.send(MaybeFd { seq: 1, fd: None }).expect("send 1");
     tx.send(MaybeFd {
@@ -459,8 +466,10 @@ pub fn c08_fd_bound_to_its_message<X: Transport>() {
         .take(m2.fd.as_ref().expect("message 2 carries an fd"))
         .expect("take fd");
     let mut f = File::from(fd.into_owned_fd());
-    assert_eq!(f.metadata().expect("metadata").ino(), inode, "same file");
-    f.rewind().expect("rewind");
+    if !pumped {
+        assert_eq!(f.metadata().expect("metadata").ino(), inode, "same file");
+        f.rewind().expect("rewind");
+    }
     let mut got = Vec::new();
     f.read_to_end(&mut got).expect("read");
     assert_eq!(got, CONTENT);

@@ -3,17 +3,21 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use super::super::blob::Blob;
 use super::super::chan::{InChan, OutChan};
 use super::super::direct;
+use super::super::pump::Pending;
 use super::super::shm::{RingIn, MAX_RING, MIN_RING};
 use crate::channel::{CreditSink, Entry, Handle, Inbox, RecvCore, SendCore, DEFAULT_CAPACITY};
 use crate::message::{Bytes, Packet};
 use crate::proto::credit::data_cost;
 use crate::proto::decoder::Frame;
-use crate::proto::frame::{self, GoAwayReason, HandleKind, Kind, ResetReason};
+use crate::proto::frame::{
+    self, GoAwayReason, HandleDesc, HandleKind, Kind, Pumped, PumpedAs, ResetReason,
+};
 use crate::proto::{id_is_peers, DecodeError};
 use crate::ring::shm::ShmRegion;
 use crate::ring::spsc::region_len;
@@ -156,72 +160,42 @@ impl Conn {
         }
         let this = self.arc()?;
         let mut t = self.lock_table();
-        if t.reset_inbound.contains(&chan) {
+        // DATA on a channel we reset is discarded, but its descriptors still open their
+        // channels (the peer may already send on them): they are made and dropped at once.
+        let inchan = if t.reset_inbound.contains(&chan) {
+            None
+        } else {
+            let c = t
+                .inbound
+                .get(&chan)
+                .cloned()
+                .ok_or_else(|| Violation::from(format!("data on unknown channel {chan}")))?;
+            c.handle_data(cost).map_err(Violation::limit)?;
+            Some(c)
+        };
+        let mut fds = fds.into_iter();
+        let mut handles = Vec::with_capacity(descs.len());
+        let mut pumps = Vec::new();
+        for d in descs {
+            match self.import(&mut t, &this, d, &mut fds, &mut pumps) {
+                Ok(h) => handles.push(h),
+                Err(v) => {
+                    // Dropping a handle may end its channel, which takes the table's lock.
+                    drop(t);
+                    drop((handles, pumps));
+                    return Err(v);
+                }
+            }
+        }
+        let Some(inchan) = inchan else {
             drop(t);
+            drop((handles, pumps));
             // Discarded, but its credit goes back so the peer's window stays honest.
             let mut buf = Vec::with_capacity(16);
             frame::encode_credit(&mut buf, chan, cost.min(u64::from(u32::MAX)) as u32);
             self.send_control(&buf);
-            drop(fds);
             return Ok(());
-        }
-        let inchan = t
-            .inbound
-            .get(&chan)
-            .cloned()
-            .ok_or_else(|| Violation::from(format!("data on unknown channel {chan}")))?;
-        inchan.handle_data(cost).map_err(Violation::limit)?;
-        let mut fds = fds.into_iter();
-        let mut handles = Vec::with_capacity(descs.len());
-        for d in descs {
-            let h = match d.kind {
-                HandleKind::Fd => Handle::Fd(fds.next().ok_or("missing fd")?),
-                HandleKind::Stream => Handle::Stream(fds.next().ok_or("missing fd")?),
-                HandleKind::Sender => {
-                    self.check_new_peer_id(&t, d.chan)?;
-                    let o = OutChan::new(this.clone(), d.chan);
-                    t.outbound.insert(d.chan, Arc::downgrade(&o));
-                    Handle::Sender(SendCore::Remote(o), d.fingerprint)
-                }
-                HandleKind::Receiver => {
-                    self.check_new_peer_id(&t, d.chan)?;
-                    let inbox = Inbox::new(DEFAULT_CAPACITY);
-                    let rx = RecvCore::new(inbox.clone());
-                    inbox.add_feed(this.clone());
-                    t.inbound.insert(d.chan, InChan::new(&this, d.chan, inbox));
-                    Handle::Receiver(rx, d.fingerprint)
-                }
-                HandleKind::SenderLocal => {
-                    if id_is_peers(d.chan, self.we_connected) {
-                        return Err(
-                            format!("sender-local handle names peer channel {}", d.chan).into()
-                        );
-                    }
-                    let inbox = match t.inbound.get(&d.chan) {
-                        Some(c) => c.inbox.clone(),
-                        // Our receiver is gone: the sender is born disconnected.
-                        None => {
-                            let inbox = Inbox::new(1);
-                            drop(RecvCore::new(inbox.clone()));
-                            inbox
-                        }
-                    };
-                    Handle::Sender(SendCore::local(inbox), d.fingerprint)
-                }
-                HandleKind::SenderDirect => {
-                    if !self.shm() {
-                        return Err(
-                            "SENDER_DIRECT handle on a session without shared memory".into()
-                        );
-                    }
-                    let sock = fds.next().ok_or("missing fd")?;
-                    // The direct session is made on a thread: its sends wait for it.
-                    let out = direct::connect(self, sock, d.chan, d.fingerprint);
-                    Handle::Sender(SendCore::Remote(out), d.fingerprint)
-                }
-            };
-            handles.push(h);
-        }
+        };
         let mut bytes = Bytes::with_capacity(payload.len());
         bytes.extend_from_slice(payload);
         let entry = Entry {
@@ -236,10 +210,111 @@ impl Conn {
         };
         drop(t);
         if let Some(entry) = refused {
-            // Nobody receives any more: return the credit and close the handles.
+            // Nobody receives any more: return the credit and close the handles (a pumped
+            // stream's channels end unpumped).
             inchan.consumed(entry.body_len());
+            drop((entry, pumps));
+            return Ok(());
+        }
+        for p in pumps {
+            p.start();
         }
         Ok(())
+    }
+
+    /// Turns one handle descriptor of a DATA frame into the handle the message gets, opening
+    /// the channels it names. Called under the table's lock (`t`); a pumped stream's pump is
+    /// left in `pumps`, to start once the lock is released.
+    fn import(
+        &self,
+        t: &mut Table,
+        this: &Arc<Conn>,
+        d: HandleDesc,
+        fds: &mut impl Iterator<Item = OwnedFd>,
+        pumps: &mut Vec<Pending>,
+    ) -> Result<Handle, Violation> {
+        Ok(match d.kind {
+            HandleKind::Fd => Handle::Fd(fds.next().ok_or("missing fd")?),
+            HandleKind::Stream => Handle::Stream(fds.next().ok_or("missing fd")?),
+            HandleKind::Sender => {
+                self.check_new_peer_id(t, d.chan)?;
+                let o = OutChan::new(this.clone(), d.chan);
+                t.outbound.insert(d.chan, Arc::downgrade(&o));
+                Handle::Sender(SendCore::Remote(o), d.fingerprint)
+            }
+            HandleKind::Receiver => {
+                self.check_new_peer_id(t, d.chan)?;
+                let inbox = Inbox::new(DEFAULT_CAPACITY);
+                let rx = RecvCore::new(inbox.clone());
+                inbox.add_feed(this.clone());
+                t.inbound.insert(d.chan, InChan::new(this, d.chan, inbox));
+                Handle::Receiver(rx, d.fingerprint)
+            }
+            HandleKind::SenderLocal => {
+                if id_is_peers(d.chan, self.we_connected) {
+                    return Err(format!("sender-local handle names peer channel {}", d.chan).into());
+                }
+                let inbox = match t.inbound.get(&d.chan) {
+                    Some(c) => c.inbox.clone(),
+                    // Our receiver is gone: the sender is born disconnected.
+                    None => {
+                        let inbox = Inbox::new(1);
+                        drop(RecvCore::new(inbox.clone()));
+                        inbox
+                    }
+                };
+                Handle::Sender(SendCore::local(inbox), d.fingerprint)
+            }
+            HandleKind::SenderDirect => {
+                if !self.shm() {
+                    return Err("SENDER_DIRECT handle on a session without shared memory".into());
+                }
+                let sock = fds.next().ok_or("missing fd")?;
+                // The direct session is made on a thread: its sends wait for it.
+                let out = direct::connect(self, sock, d.chan, d.fingerprint);
+                Handle::Sender(SendCore::Remote(out), d.fingerprint)
+            }
+            HandleKind::Pumped => {
+                let p = d.as_pumped().ok_or("malformed pumped handle")?;
+                self.import_pumped(t, this, p, pumps)?
+            }
+        })
+    }
+
+    /// A PUMPED descriptor: the application gets one end of a socket pair; the pump moves the
+    /// bytes between ours and the two channels the descriptor opens.
+    fn import_pumped(
+        &self,
+        t: &mut Table,
+        this: &Arc<Conn>,
+        p: Pumped,
+        pumps: &mut Vec<Pending>,
+    ) -> Result<Handle, Violation> {
+        self.check_new_peer_id(t, p.to_reader)?;
+        self.check_new_peer_id(t, p.to_writer)?;
+        // Both checks counted the table without the other channel.
+        if t.inbound.len() + t.outbound.len() + 1 >= self.limits.max_channels as usize {
+            return Err(Violation::limit("too many channels"));
+        }
+        // Out of descriptors, the message cannot be delivered as sent: as when SCM_RIGHTS
+        // loses descriptors, the session ends.
+        let (theirs, ours) = UnixStream::pair()
+            .map_err(|e| Violation::from(format!("no socket pair for a pumped stream: {e}")))?;
+        let inbox = Inbox::new(1);
+        let rx = RecvCore::new(inbox.clone());
+        inbox.add_feed(this.clone());
+        t.inbound
+            .insert(p.to_reader, InChan::new(this, p.to_reader, inbox));
+        let o = OutChan::new(this.clone(), p.to_writer);
+        t.outbound.insert(p.to_writer, Arc::downgrade(&o));
+        // Refused when the session runs too many pumps: the channels end once the lock is
+        // released, and `theirs` reads EOF at once.
+        pumps.push(Pending::new(OwnedFd::from(ours), o, rx));
+        let theirs = OwnedFd::from(theirs);
+        Ok(match p.kind {
+            PumpedAs::Fd => Handle::Fd(theirs),
+            PumpedAs::Stream => Handle::Stream(theirs),
+        })
     }
 
     /// A RING frame: from now on the peer sends `chan`'s messages through the ring in `fds`.

@@ -79,6 +79,8 @@ pub(crate) struct Conn {
     rings_seen: Arc<AtomicU32>,
     /// Rings holding back a record until more RING frames are dispatched.
     ring_waiters: Mutex<Vec<std::sync::Weak<super::shm::RingIn>>>,
+    /// Pumped streams running on this session (`pump`, bounded by `pump::MAX_PER_SESSION`).
+    pumps: AtomicU32,
     /// Network sessions: how the peer's presence is checked (see `keepalive`).
     keepalive: Option<Keepalive>,
     /// When bytes last arrived from the peer (`keepalive::now_ms`).
@@ -254,6 +256,7 @@ impl Conn {
             rings_sent: AtomicU32::new(0),
             rings_seen: Arc::new(AtomicU32::new(0)),
             ring_waiters: Mutex::new(Vec::new()),
+            pumps: AtomicU32::new(0),
             keepalive,
             last_heard: AtomicU64::new(keepalive::now_ms()),
             last_ping: AtomicU64::new(0),
