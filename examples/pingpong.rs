@@ -1087,7 +1087,7 @@ impl TransportKind {
 
     /// libchan over loopback TCP or TLS: this process listens, the child connects.
     fn measure_ours_net(self, run: &Run, cpus: (usize, usize)) -> Res<Measured> {
-        let (listener, guard, want) = if self == TransportKind::Tls {
+        let (listener, guard, want, _ca) = if self == TransportKind::Tls {
             let pki = TestPki::new()?;
             let opts = Options::new()
                 .shm(false)
@@ -1098,12 +1098,12 @@ impl TransportKind {
             cmd.args(["--addr", &listener.local_addr()?, "--ca", ca.path()])
                 .stdin(Stdio::null());
             let guard = ChildGuard(Some(cmd.spawn()?));
-            (listener, guard, Transport::Tls)
+            (listener, guard, Transport::Tls, Some(ca))
         } else {
             let listener = libchan::listen_with("tcp://127.0.0.1:0", &Options::new().shm(false))?;
             let addr = listener.local_addr()?;
             let guard = spawn_child_to(ChildRole::ChanTcp, run, cpus.1, &addr)?;
-            (listener, guard, Transport::Tcp)
+            (listener, guard, Transport::Tcp, None)
         };
         let measured = {
             let session = listener.accept()?;

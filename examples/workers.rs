@@ -1,144 +1,307 @@
-//! Workers: a coordinator process re-executes itself as worker processes, connects to each over
-//! a unix socket session and sends them jobs that carry their own reply channel.
+//! libchan's demo: one worker process per core, pinned, answering jobs at memory speed.
 //!
-//! Run with `cargo run --release --example workers`.
+//! ```sh
+//! cargo run --release --example workers -- [--workers N] [--duration SECS] [--size BYTES]
+//! ```
+//!
+//! The coordinator starts one worker per core with `libchan::spawn` (the workers are this
+//! same program: `libchan::is_worker()` tells them apart) and one more that connects over
+//! `tcp://127.0.0.1` without shared memory, to show the same code over the network. Then:
+//!
+//! - every job carries the `Sender` its answer goes back on;
+//! - each worker's first job carries a file descriptor (a memfd) that the worker reads;
+//! - the workers form a ring of channels that the coordinator created and handed out: after
+//!   each job a worker tells the next one, directly, not through the coordinator;
+//! - a progress bar runs on stderr, and a table per worker ends the run.
+//!
+//! Ctrl-C stops everything: the terminal signals the coordinator and its workers together (one
+//! process group), and a worker whose coordinator dies any other way sees its session close
+//! and exits. Nothing is left behind.
 
 use std::error::Error;
+use std::io::{Read, Seek, Write};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
-use libchan::{Receiver, Sender, Session};
+use libchan::rkyv::{Archive, Deserialize, Serialize};
+use libchan::{Fd, Options, Receiver, Sender, Session, SpawnOptions};
 
-/// A job for a worker: count the words of `text` and answer on `reply`.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;
+
+/// A job: what to do, and where to send the answer.
+#[derive(Archive, Serialize, Deserialize)]
+#[rkyv(crate = libchan::rkyv)]
 struct Job {
     id: u64,
-    text: String,
+    task: Task,
     reply: Sender<Answer>,
 }
 
-/// A worker's answer to one job.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Archive, Serialize, Deserialize)]
+#[rkyv(crate = libchan::rkyv)]
+enum Task {
+    /// Add up these bytes.
+    Sum(Vec<u8>),
+    /// Read this file and count its bytes.
+    Read(Fd),
+}
+
+#[derive(Archive, Serialize, Deserialize)]
+#[rkyv(crate = libchan::rkyv)]
 struct Answer {
     id: u64,
-    words: u32,
-    worker_pid: u32,
+    sum: u64,
+    /// How many messages this worker has had from its neighbour in the ring so far.
+    heard: u64,
 }
 
-const JOBS_PER_WORKER: u64 = 2_000;
-const WORKER_ENV: &str = "LIBCHAN_EXAMPLE_WORKER_ADDR";
+/// A worker's place in the ring, in two messages: the end it hears its neighbour on (sent
+/// first), then the end it talks to the next worker on.
+#[derive(Archive, Serialize, Deserialize)]
+#[rkyv(crate = libchan::rkyv)]
+enum Link {
+    From(Receiver<u64>),
+    To(Sender<u64>),
+}
 
-fn main() -> Result<(), Box<dyn Error>> {
-    match std::env::var(WORKER_ENV) {
-        Ok(addr) => worker(&addr),
-        Err(_) => coordinator(),
+/// Set for the worker that connects over TCP: the address to connect to.
+const TCP_WORKER: &str = "LIBCHAN_DEMO_TCP";
+
+fn main() -> Result<()> {
+    if libchan::is_worker() {
+        return work(libchan::parent()?);
     }
+    if let Ok(addr) = std::env::var(TCP_WORKER) {
+        return work(libchan::connect_with(&addr, &Options::new().shm(false))?);
+    }
+    let (workers, duration, size) = options()?;
+    coordinate(workers, duration, size)
 }
 
-/// A worker process: connects back, then answers jobs until the coordinator closes the channel.
-fn worker(addr: &str) -> Result<(), Box<dyn Error>> {
-    let session = libchan::connect(addr)?;
-    let jobs: Receiver<Job> = session.accept_channel()?;
+/// A worker: answers jobs until the coordinator closes the channel (or goes away).
+fn work(parent: Session) -> Result<()> {
+    let jobs: Receiver<Job> = parent.accept_channel()?;
+    let links: Receiver<Link> = parent.accept_channel()?;
+    let (mut from, mut to) = (None, None); // the TCP worker is not in the ring
+    for link in links.iter() {
+        match &*link {
+            ArchivedLink::From(rx) => from = Some(link.take(rx)?),
+            ArchivedLink::To(tx) => to = Some(link.take(tx)?),
+        }
+    }
+    let heard = Arc::new(AtomicU64::new(0));
+    if let Some(from) = from {
+        let heard = heard.clone();
+        thread::spawn(move || from.iter().for_each(|_| _ = heard.fetch_add(1, Relaxed)));
+    }
     for job in jobs.iter() {
-        // Read the job in place, take the reply channel it carries, answer on it.
-        let reply = job.take(&job.reply)?;
-        let answer = Answer {
-            id: job.id.to_native(),
-            words: job.text.split_whitespace().count() as u32,
-            worker_pid: std::process::id(),
+        let reply = job.take(&job.reply)?; // the job's own answer channel
+        let sum = match &job.task {
+            ArchivedTask::Sum(bytes) => bytes.iter().map(|&b| u64::from(b)).sum(),
+            ArchivedTask::Read(fd) => {
+                let mut file = std::fs::File::from(job.take(fd)?.into_owned_fd());
+                let mut text = Vec::new();
+                file.read_to_end(&mut text)?;
+                text.len() as u64
+            }
         };
-        reply.send(answer)?;
+        let id = job.id.to_native();
+        reply.send(Answer {
+            id,
+            sum,
+            heard: heard.load(Relaxed),
+        })?;
+        if let Some(next) = &to {
+            let _ = next.try_send(id); // if the neighbour is behind, it misses this one
+        }
     }
     Ok(())
 }
 
-/// Per-worker results for the table.
-struct Report {
-    pid: u32,
-    transport: libchan::Transport,
-    jobs: u64,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn coordinator() -> Result<(), Box<dyn Error>> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let n = cores.min(4);
-    let addr = format!("unix:@libchan-workers-{}", std::process::id());
-    let listener = libchan::listen(&addr)?;
-
-    // Re-execute this binary as `n` workers; each connects back to the listener.
-    let exe = std::env::current_exe()?;
-    let mut children: Vec<Child> = (0..n)
-        .map(|_| Command::new(&exe).env(WORKER_ENV, &addr).spawn())
-        .collect::<Result<_, _>>()?;
-    let sessions: Vec<Session> = (0..n)
-        .map(|_| listener.accept())
-        .collect::<Result<_, _>>()?;
-    println!(
-        "coordinator {}: {n} workers ({cores} cores)",
-        std::process::id()
-    );
-
-    // One thread per worker sends jobs one at a time and times each round trip.
-    let started = Instant::now();
-    let threads: Vec<_> = sessions
-        .into_iter()
-        .map(|session| std::thread::spawn(move || drive(session)))
-        .collect();
-    let mut reports = Vec::new();
-    for t in threads {
-        reports.push(t.join().expect("a coordinator thread panicked")?);
-    }
-    let elapsed = started.elapsed();
-
-    // The job channels are closed now: every worker sees its channel end and exits.
-    for child in &mut children {
-        let status = child.wait()?;
-        if !status.success() {
-            return Err(format!("worker {} exited with {status}", child.id()).into());
+/// The options: `--workers N` (default: one per core), `--duration SECS`, `--size BYTES`.
+fn options() -> Result<(usize, Duration, usize)> {
+    let mut workers = thread::available_parallelism().map_or(1, |n| n.get());
+    let (mut secs, mut size) = (5.0, 1024);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--workers" => workers = value.parse()?,
+            "--duration" => secs = value.parse()?,
+            "--size" => size = value.parse()?,
+            _ => return Err(format!("unknown option {flag}").into()),
         }
     }
+    let duration = Duration::try_from_secs_f64(secs).map_err(|e| format!("--duration: {e}"))?;
+    Ok((workers.max(1), duration, size))
+}
 
-    println!("\nworker pid  transport      jobs  round-trip p50  p99");
-    for r in &reports {
+/// One worker, as the coordinator sees it.
+struct Worker {
+    name: String,
+    cpu: String,
+    child: Child,
+    transport: String,
+    jobs: Sender<Job>,
+    links: Sender<Link>,
+}
+
+impl Worker {
+    fn new(name: String, cpu: String, child: Child, session: Session) -> Result<Worker> {
+        let transport = session.transport().to_string();
         println!(
-            "{:>10}  {:<9}  {:>8}  {:>14.1?}  {:.1?}",
-            r.pid, r.transport, r.jobs, r.p50, r.p99
+            "worker {name:>3}: pid {}, cpu {cpu}, {transport}",
+            child.id()
         );
+        // Channels are accepted in the order they were opened: jobs first, then links.
+        let (jobs, links) = (session.open_channel()?, session.open_channel()?);
+        Ok(Worker {
+            name,
+            cpu,
+            child,
+            transport,
+            jobs,
+            links,
+        })
     }
-    let total: u64 = reports.iter().map(|r| r.jobs).sum();
-    println!("\n{total} jobs answered in {elapsed:.2?}; all workers exited cleanly.");
-    println!("\nNot yet: pinning each worker to its own core, shared-memory rings (zero copy on");
-    println!("one host) and the TCP/TLS fallback arrive with later issues; today every session");
-    println!("runs on a unix socket.");
+}
+
+fn coordinate(n: usize, duration: Duration, size: usize) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let cpus = allowed_cpus();
+    let mut workers = Vec::new();
+    for i in 0..n {
+        let cpu = cpus[i % cpus.len()];
+        let opts = SpawnOptions::new().core(cpu);
+        let (child, session) = libchan::spawn_with(Command::new(&exe), &opts)?;
+        workers.push(Worker::new(i.to_string(), cpu.to_string(), child, session)?);
+    }
+    // Channel i of the ring goes from worker i to worker i+1. Handing out the receiving end
+    // first and the sending end second lets the two workers talk directly.
+    let ring = workers.len();
+    if ring > 1 {
+        let mut senders = Vec::new();
+        for i in 0..ring {
+            let (tx, rx) = libchan::pipe::<u64>();
+            workers[(i + 1) % ring].links.send(Link::From(rx))?;
+            senders.push(tx);
+        }
+        for (w, tx) in workers.iter().zip(senders) {
+            w.links.send(Link::To(tx))?;
+        }
+    }
+    // The same worker code over TCP, shared memory off, and not in the ring.
+    let listener = libchan::listen_with("tcp://127.0.0.1:0", &Options::new().shm(false))?;
+    let child = Command::new(&exe)
+        .env(TCP_WORKER, listener.local_addr()?)
+        .spawn()?;
+    let session = accept_within(listener, Duration::from_secs(10))?;
+    workers.push(Worker::new("tcp".into(), "-".into(), child, session)?);
+
+    // One thread per worker sends it jobs, one at a time, until the time is up.
+    let until = Instant::now() + duration;
+    let count = Arc::new(AtomicU64::new(0));
+    let drivers: Vec<_> = workers
+        .into_iter()
+        .map(|worker| {
+            let count = count.clone();
+            thread::spawn(move || drive(worker, size, until, &count))
+        })
+        .collect();
+    while Instant::now() < until {
+        thread::sleep(Duration::from_millis(100));
+        let left = until.saturating_duration_since(Instant::now());
+        let done = 1.0 - left.as_secs_f64() / duration.as_secs_f64().max(1e-9);
+        let (bar, jobs) = ("#".repeat((done * 40.0) as usize), count.load(Relaxed));
+        eprint!("\r[{bar:<40}] {:>3.0}%  {jobs} jobs ", done * 100.0);
+    }
+    eprintln!();
+    let rows: Vec<String> = drivers
+        .into_iter()
+        .map(|d| d.join().expect("a driver thread panicked"))
+        .collect::<Result<_>>()?;
+    println!("\nworker  cpu  transport       jobs        MB/s   p50 rtt   p99 rtt  from peer");
+    for row in &rows {
+        println!("{row}");
+    }
+    println!("\nall {} workers exited cleanly", rows.len());
     Ok(())
 }
 
-/// Sends this worker its jobs, each with a fresh reply channel, and collects the round trips.
-fn drive(session: Session) -> Result<Report, String> {
-    let jobs: Sender<Job> = session.open_channel().map_err(|e| e.to_string())?;
-    let mut rtts = Vec::with_capacity(JOBS_PER_WORKER as usize);
-    let mut pid = 0;
-    for id in 0..JOBS_PER_WORKER {
-        let (reply, answers) = libchan::pipe::<Answer>();
-        let text = format!("job {id} for a worker process");
-        let t0 = Instant::now();
-        jobs.send(Job { id, text, reply })
-            .map_err(|_| "worker gone")?;
-        let answer = answers.recv().map_err(|e| e.to_string())?;
-        rtts.push(t0.elapsed());
-        if answer.id != id || answer.words != 6 {
-            return Err(format!("wrong answer to job {id}"));
+/// Sends one worker jobs until `until`: a file to read, then `size`-byte payloads; then waits
+/// for it to exit. Returns its row of the table.
+fn drive(w: Worker, size: usize, until: Instant, count: &AtomicU64) -> Result<String> {
+    let (name, jobs, mut child) = (w.name, w.jobs, w.child);
+    drop(w.links); // the worker starts on its jobs once its links channel is closed
+    let text = b"a file handed to a worker process as a descriptor\n";
+    let flags = rustix::fs::MemfdFlags::CLOEXEC;
+    let mut file = std::fs::File::from(rustix::fs::memfd_create("libchan-demo", flags)?);
+    file.write_all(text)?;
+    file.rewind()?;
+    // Over TCP the descriptor travels as a byte stream; the worker still gets a descriptor.
+    let answer = ask(&jobs, 0, Task::Read(Fd::new(file)))?;
+    if answer.sum != text.len() as u64 {
+        return Err(format!("worker {name} read the file wrong").into());
+    }
+    let (start, mut rtts, mut heard) = (Instant::now(), Vec::new(), 0);
+    for id in 1.. {
+        if Instant::now() >= until {
+            break;
         }
-        pid = answer.worker_pid.to_native();
+        let byte = id as u8;
+        let t0 = Instant::now();
+        let answer = ask(&jobs, id, Task::Sum(vec![byte; size]))?;
+        rtts.push(t0.elapsed());
+        if answer.sum != u64::from(byte) * size as u64 {
+            return Err(format!("worker {name}: wrong answer to job {id}").into());
+        }
+        heard = answer.heard;
+        count.fetch_add(1, Relaxed);
+    }
+    let mb_per_s = (rtts.len() * size) as f64 / start.elapsed().as_secs_f64() / 1e6;
+    // The job channel closes here: the worker ends its loop and exits.
+    drop(jobs);
+    let status = child.wait()?;
+    if !status.success() {
+        return Err(format!("worker {name} exited with {status}").into());
     }
     rtts.sort();
-    Ok(Report {
-        pid,
-        transport: session.transport(),
-        jobs: JOBS_PER_WORKER,
-        p50: rtts[rtts.len() / 2],
-        p99: rtts[rtts.len() * 99 / 100],
-    })
+    let pct = |p: usize| rtts.get(rtts.len() * p / 100).copied().unwrap_or_default();
+    let (n, p50, p99) = (rtts.len(), pct(50), pct(99));
+    let (cpu, transport) = (w.cpu, w.transport);
+    Ok(format!(
+        "{name:>6}  {cpu:>3}  {transport:<9}  {n:>9}  {mb_per_s:>10.1}  {p50:>8.1?}  {p99:>8.1?}  {heard:>9}"
+    ))
+}
+
+/// Sends one job with a fresh answer channel and waits for its answer.
+fn ask(jobs: &Sender<Job>, id: u64, task: Task) -> Result<Answer> {
+    let (reply, answers) = libchan::pipe();
+    jobs.send_checked(Job { id, task, reply })
+        .map_err(|(_, e)| format!("job {id}: {e}"))?;
+    let answer = answers.recv()?.into_owned()?;
+    if answer.id != id {
+        return Err(format!("answer to job {} for job {id}", answer.id).into());
+    }
+    Ok(answer)
+}
+
+/// Accepts one session, giving up after `limit` (the TCP worker may have failed to start).
+fn accept_within(listener: libchan::Listener, limit: Duration) -> Result<Session> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || tx.send(listener.accept()));
+    Ok(rx
+        .recv_timeout(limit)
+        .map_err(|_| "the TCP worker did not connect")??)
+}
+
+/// The CPUs this process may run on: a worker is pinned to each in turn.
+fn allowed_cpus() -> Vec<usize> {
+    let set = rustix::thread::sched_getaffinity(None).expect("sched_getaffinity");
+    (0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&c| set.is_set(c))
+        .collect()
 }
