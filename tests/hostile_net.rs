@@ -293,3 +293,60 @@ fn peer_that_stops_reading_bounds_the_senders_memory() {
         drop(raw);
     });
 }
+
+/// Clients that connect and say nothing do not hold up `accept` on any network listener: each
+/// handshake runs on its own thread, and the next client is served at once.
+#[test]
+fn silent_clients_do_not_stall_accept() {
+    with_timeout(LIMIT, || {
+        let (server_opts, client_opts) = tls_opts();
+        for (addr, server, client) in [
+            ("tcp://127.0.0.1:0", Options::new(), Options::new()),
+            ("ws://127.0.0.1:0/chan", Options::new(), Options::new()),
+            (
+                "tls://127.0.0.1:0",
+                server_opts.clone(),
+                client_opts.clone(),
+            ),
+            ("wss://127.0.0.1:0/chan", server_opts, client_opts),
+        ] {
+            let l = libchan::listen_with(addr, &server.shm(false)).expect("listen");
+            let addr = l.local_addr().expect("local_addr");
+            let host = addr.split("://").nth(1).unwrap().split('/').next().unwrap();
+            let silent: Vec<TcpStream> =
+                (0..3).map(|_| TcpStream::connect(host).unwrap()).collect();
+            let start = Instant::now();
+            let to = addr.clone();
+            let c = thread::spawn(move || libchan::connect_with(&to, &client.shm(false)));
+            let session = l.accept().expect("accept the talking client");
+            let client = c.join().unwrap().expect("connect");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{addr}: served after {:?}",
+                start.elapsed()
+            );
+            check_talks(&client, &session);
+            drop(silent);
+        }
+    });
+}
+
+/// Server and client options for TLS with a throwaway CA (rcgen).
+fn tls_opts() -> (Options, Options) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let server = Options::new()
+        .tls_identity_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+        .unwrap();
+    let client = Options::new().tls_ca_pem(ca_pem.as_bytes()).unwrap();
+    (server, client)
+}

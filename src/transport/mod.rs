@@ -27,7 +27,6 @@ mod tls;
 mod ws;
 
 use std::fmt;
-use std::net::TcpListener;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -234,12 +233,13 @@ pub struct Listener {
 
 enum Inner {
     Unix(UnixListener),
-    Tcp(tcp::Server),
-    Tls(TcpListener),
-    Ws {
-        listener: TcpListener,
+    /// tcp, tls, ws and wss: handshakes run off the accept thread.
+    Net {
+        server: net::Server,
+        /// The address form `local_addr` reports: `tcp://`, `tls://`, `ws://` or `wss://`.
+        scheme: &'static str,
+        /// The WebSocket path (empty for tcp and tls).
         path: String,
-        secure: bool,
     },
 }
 
@@ -289,15 +289,30 @@ pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
                 opts,
             })
         }
-        Addr::Tcp(hostport) => Ok(Listener {
-            inner: Inner::Tcp(tcp::Server::bind(&hostport, &opts)?),
-            path: None,
-            opts,
-        }),
+        Addr::Tcp(hostport) => {
+            let handshake: Arc<net::Handshake> = Arc::new(tcp::accept);
+            Ok(Listener {
+                inner: Inner::Net {
+                    server: net::Server::bind(&hostport, handshake)?,
+                    scheme: "tcp",
+                    path: String::new(),
+                },
+                path: None,
+                opts,
+            })
+        }
         Addr::Tls(hostport) => {
             tls::check_server(&opts)?;
+            let handshake: Arc<net::Handshake> = Arc::new(|stream, opts: &Options| {
+                let link = tls::accept(stream, opts, HANDSHAKE_TIMEOUT)?;
+                Session::over(link, Role::Acceptor, opts)
+            });
             Ok(Listener {
-                inner: Inner::Tls(TcpListener::bind(hostport.as_str())?),
+                inner: Inner::Net {
+                    server: net::Server::bind(&hostport, handshake)?,
+                    scheme: "tls",
+                    path: String::new(),
+                },
                 path: None,
                 opts,
             })
@@ -310,11 +325,16 @@ pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
             if secure {
                 tls::check_server(&opts)?;
             }
+            let want = path.clone();
+            let handshake: Arc<net::Handshake> = Arc::new(move |stream, opts: &Options| {
+                let link = ws::accept(stream, &want, secure, opts, HANDSHAKE_TIMEOUT)?;
+                Session::over(link, Role::Acceptor, opts)
+            });
             Ok(Listener {
-                inner: Inner::Ws {
-                    listener: TcpListener::bind(hostport.as_str())?,
+                inner: Inner::Net {
+                    server: net::Server::bind(&hostport, handshake)?,
+                    scheme: if secure { "wss" } else { "ws" },
                     path,
-                    secure,
                 },
                 path: None,
                 opts,
@@ -364,6 +384,10 @@ pub fn connect_with(addr: &str, opts: &Options) -> Result<Session, Error> {
 impl Listener {
     /// Waits for the next peer and completes its handshake.
     ///
+    /// On network listeners (tcp, tls, ws, wss) every connection's handshake runs on a thread
+    /// of its own (at most 64 at once), so a client that connects and says nothing holds up
+    /// nobody: `accept` returns whichever handshake finishes first, success or failure.
+    ///
     /// # Errors
     ///
     /// [`Error::Io`] when accepting fails, [`Error::Handshake`] when the peer is not a
@@ -374,21 +398,7 @@ impl Listener {
                 let (stream, _) = l.accept()?;
                 Session::from_unix_stream_with(stream, Role::Acceptor, &self.opts)
             }
-            Inner::Tcp(server) => server.accept(&self.opts),
-            Inner::Tls(l) => {
-                let (stream, _) = l.accept()?;
-                let link = tls::accept(stream, &self.opts, HANDSHAKE_TIMEOUT)?;
-                Session::over(link, Role::Acceptor, &self.opts)
-            }
-            Inner::Ws {
-                listener,
-                path,
-                secure,
-            } => {
-                let (stream, _) = listener.accept()?;
-                let link = ws::accept(stream, path, *secure, &self.opts, HANDSHAKE_TIMEOUT)?;
-                Session::over(link, Role::Acceptor, &self.opts)
-            }
+            Inner::Net { server, .. } => server.accept(&self.opts),
         }
     }
 
@@ -416,16 +426,11 @@ impl Listener {
                     Err(Error::Address("unnamed unix socket".into()))
                 }
             }
-            Inner::Tcp(server) => Ok(format!("tcp://{}", server.local_addr()?)),
-            Inner::Tls(l) => Ok(format!("tls://{}", l.local_addr()?)),
-            Inner::Ws {
-                listener,
+            Inner::Net {
+                server,
+                scheme,
                 path,
-                secure,
-            } => {
-                let scheme = if *secure { "wss" } else { "ws" };
-                Ok(format!("{scheme}://{}{path}", listener.local_addr()?))
-            }
+            } => Ok(format!("{scheme}://{}{path}", server.local_addr()?)),
         }
     }
 }

@@ -23,17 +23,13 @@
 //!   closed TCP, and falls back to TCP whenever the connector's hello arrives there instead.
 //! - A connector only ever connects to names of the form libchan makes (`libchan-` and 24 hex
 //!   digits), so a hostile server cannot point it at another local abstract socket.
-//! - [`Server::accept`] never runs a handshake itself: each runs on a thread of its own, at
-//!   most [`MAX_HANDSHAKES`] at once, so one slow or silent client holds up nobody.
+//! - The listener never runs a handshake itself (`net::Server`): each runs on a thread of its
+//!   own, so one slow or silent client holds up nobody.
 
-use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::net::TcpStream;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -64,113 +60,6 @@ const NAME_PREFIX: &[u8] = b"libchan-";
 
 /// How long an offered token (and its socket) lives.
 const TOKEN_TTL: Duration = Duration::from_secs(5);
-
-/// Handshakes one listener runs at once; past that, `accept` leaves connections in the kernel's
-/// backlog until one finishes.
-const MAX_HANDSHAKES: usize = 64;
-
-/// The listening side of `tcp://`.
-pub(super) struct Server {
-    listener: TcpListener,
-    handshakes: Arc<Handshakes>,
-}
-
-impl Server {
-    pub(super) fn bind(hostport: &str, _opts: &Options) -> Result<Self, Error> {
-        let listener = TcpListener::bind(hostport)?;
-        // `accept` waits in poll, on the listener and on finished handshakes.
-        listener.set_nonblocking(true)?;
-        Ok(Self {
-            listener,
-            handshakes: Arc::new(Handshakes {
-                done: Mutex::new(VecDeque::new()),
-                running: AtomicUsize::new(0),
-                doorbell: sys::Doorbell::new()?,
-            }),
-        })
-    }
-
-    /// Takes connections from the kernel and starts their handshakes, until one has finished:
-    /// its session (or why it failed) is the answer.
-    pub(super) fn accept(&self, opts: &Options) -> Result<Session, Error> {
-        let hs = &self.handshakes;
-        loop {
-            // Clear before looking, so that a handshake finishing after the look rings again.
-            hs.doorbell.clear();
-            if let Some(result) = hs.take() {
-                return result;
-            }
-            if hs.running.load(Ordering::Relaxed) < MAX_HANDSHAKES {
-                match self.listener.accept() {
-                    Ok((stream, _)) => {
-                        self.start(stream, opts)?;
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                sys::poll_with_doorbell(self.listener.as_fd(), hs.doorbell.as_fd(), false, None)?;
-            } else {
-                sys::poll(&hs.doorbell, true, false, None)?;
-            }
-        }
-    }
-
-    pub(super) fn local_addr(&self) -> Result<std::net::SocketAddr, Error> {
-        Ok(self.listener.local_addr()?)
-    }
-
-    /// Runs the handshake of a new connection on a thread of its own.
-    fn start(&self, stream: TcpStream, opts: &Options) -> Result<(), Error> {
-        let handshakes = self.handshakes.clone();
-        let opts = opts.clone();
-        // A count only: results travel under `done`'s mutex, wake-ups by the doorbell.
-        self.handshakes.running.fetch_add(1, Ordering::Relaxed);
-        let spawned = thread::Builder::new()
-            .name("libchan-tcp-handshake".into())
-            .spawn(move || {
-                let result = accept_upgrade(stream, &opts);
-                handshakes.finish(result);
-            });
-        if let Err(e) = spawned {
-            self.handshakes.running.fetch_sub(1, Ordering::Relaxed);
-            return Err(e.into());
-        }
-        Ok(())
-    }
-}
-
-/// Handshakes in flight on their threads, and what the finished ones produced.
-struct Handshakes {
-    /// Finished handshakes, oldest first, waiting for `accept`.
-    done: Mutex<VecDeque<Result<Session, Error>>>,
-    /// Handshake threads started and not finished.
-    running: AtomicUsize,
-    /// Rung when a handshake finishes.
-    doorbell: sys::Doorbell,
-}
-
-impl Handshakes {
-    fn take(&self) -> Option<Result<Session, Error>> {
-        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        let first = done.pop_front();
-        if first.is_some() && !done.is_empty() {
-            // Another thread may be waiting in `accept`, and this one cleared the bell.
-            self.doorbell.ring();
-        }
-        first
-    }
-
-    fn finish(&self, result: Result<Session, Error>) {
-        self.done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(result);
-        self.running.fetch_sub(1, Ordering::Relaxed);
-        self.doorbell.ring();
-    }
-}
 
 /// Connects to a `tcp://` listener, moving to a unix socket when the server offers one this
 /// process can reach.
@@ -226,7 +115,7 @@ fn upgrade(
 
 /// The acceptor's side of a new TCP connection: the plain handshake, or the upgrade exchange
 /// when the connector asks for it.
-fn accept_upgrade(mut stream: TcpStream, opts: &Options) -> Result<Session, Error> {
+pub(super) fn accept(mut stream: TcpStream, opts: &Options) -> Result<Session, Error> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     // Accepted from a non-blocking listener; the exchange below uses blocking reads with
     // deadlines, and `tcp_link` makes the stream non-blocking for the session.
