@@ -448,7 +448,8 @@ fn fds_on_a_frame_that_declares_none_close_the_session_and_are_closed() {
         raw.write_all(&open::<u64>(1)).unwrap();
         send_with_fds(&raw, &data_u64(1, 1), &[theirs.as_fd()]);
         drop(theirs);
-        raw.write_all(&frame(PING, 0, 0, 0, &[0; 8])).unwrap();
+        // The session may already have closed on the unclaimed fd: the PING is best effort.
+        let _ = raw.write_all(&frame(PING, 0, 0, 0, &[0; 8]));
         let needle = "no frame to claim them";
         assert_broken(&session, driver, needle);
         assert_goaway(&mut raw, &[PROTOCOL_ERROR], needle);

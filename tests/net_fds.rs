@@ -291,7 +291,11 @@ fn read_only_file_refuses_writes_over_tcp() {
                 Err(e) => break e,
             }
         };
-        assert_eq!(err.kind(), ErrorKind::BrokenPipe, "{err}");
+        // EPIPE, or ECONNRESET when the pump's end closed with our bytes still unread in it.
+        assert!(
+            matches!(err.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset),
+            "{err}"
+        );
         drop((far, rx, tx, a, b));
         base.assert_back();
     });
@@ -467,7 +471,11 @@ fn peer_killed_mid_stream_ends_the_stream() {
             Err(e) => assert_ne!(e.kind(), ErrorKind::WouldBlock, "read timed out: {e}"),
         }
         let err = writer.join().expect("writer thread");
-        assert_eq!(err.kind(), ErrorKind::BrokenPipe, "{err}");
+        // EPIPE, or ECONNRESET when the pump's end closed with our bytes still unread in it.
+        assert!(
+            matches!(err.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset),
+            "{err}"
+        );
         eprintln!("the stream ended {:?} after the kill", started.elapsed());
         assert!(session.is_closed(), "the session saw its peer die");
         drop((mine, tx, session));

@@ -65,6 +65,8 @@ pub(crate) trait Link: Send + Sync + 'static {
 pub(crate) struct SocketLink {
     sock: OwnedFd,
     transport: Transport,
+    /// The session died and `cut` ended the connection: no lingering close.
+    was_cut: std::sync::atomic::AtomicBool,
 }
 
 impl SocketLink {
@@ -73,6 +75,7 @@ impl SocketLink {
         Self {
             sock,
             transport: Transport::Unix,
+            was_cut: false.into(),
         }
     }
 
@@ -81,6 +84,7 @@ impl SocketLink {
         Self {
             sock,
             transport: Transport::Tcp,
+            was_cut: false.into(),
         }
     }
 }
@@ -118,7 +122,22 @@ impl Link for SocketLink {
             // paths key pending introductions on its number).
             let _ = rustix::net::shutdown(&self.sock, rustix::net::Shutdown::Both);
         } else {
+            self.was_cut
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             sys::cut(&self.sock);
+        }
+    }
+}
+
+impl Drop for SocketLink {
+    /// A TCP session that ended in order closes once its peer has (`net::Closing`); a unix
+    /// socket has no reset to fear and closes now.
+    fn drop(&mut self) {
+        if self.transport == Transport::Unix || *self.was_cut.get_mut() {
+            return;
+        }
+        if let Ok(dup) = self.sock.try_clone() {
+            super::net::close_later(super::net::SocketClosing::new(dup));
         }
     }
 }

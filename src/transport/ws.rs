@@ -32,9 +32,7 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use tungstenite::client::IntoClientRequest;
@@ -395,12 +393,12 @@ impl Drop for WsLink {
         st.eof = true;
         let _ = st.ws.close(None);
         drop(st);
-        close_later(Closing {
+        net::close_later(Box::new(Closing {
             io: self.io.clone(),
             state: self.state.clone(),
-            until: Instant::now() + CLOSE_LINGER,
+            until: Instant::now() + net::CLOSE_LINGER,
             fin: false,
-        });
+        }));
     }
 }
 
@@ -416,8 +414,7 @@ struct Closing {
     fin: bool,
 }
 
-impl Closing {
-    /// Makes what progress it can without blocking; true when done.
+impl net::Closing for Closing {
     fn step(&mut self) -> bool {
         let mut st = lock(&self.state);
         let flushed = !matches!(
@@ -440,59 +437,6 @@ impl Closing {
                 Err(_) => return true,
             }
         }
-    }
-}
-
-/// How long a dropped link waits for its peer to close.
-const CLOSE_LINGER: Duration = Duration::from_secs(5);
-
-/// How often the closer thread looks at its links.
-const CLOSE_POLL: Duration = Duration::from_millis(5);
-
-/// Dropped links the closer thread is closing.
-static CLOSING: Mutex<Vec<Closing>> = Mutex::new(Vec::new());
-
-/// Whether a closer thread runs.
-static CLOSER: AtomicBool = AtomicBool::new(false);
-
-/// Hands a dropped link to the closer thread, starting it if none runs.
-fn close_later(c: Closing) {
-    lock(&CLOSING).push(c);
-    if CLOSER.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    let spawned = thread::Builder::new()
-        .name("libchan-ws-close".into())
-        .stack_size(128 * 1024)
-        .spawn(closer);
-    if spawned.is_err() {
-        // No thread to wait with: close now.
-        CLOSER.store(false, Ordering::Release);
-        lock(&CLOSING).clear();
-    }
-}
-
-/// The closer thread: steps every closing link until none is left, then ends.
-fn closer() {
-    loop {
-        let mut batch = std::mem::take(&mut *lock(&CLOSING));
-        // Done links drop here, closing their connections.
-        batch.retain_mut(|c| !c.step());
-        let idle = {
-            let mut q = lock(&CLOSING);
-            q.append(&mut batch);
-            q.is_empty()
-        };
-        if idle {
-            CLOSER.store(false, Ordering::Release);
-            // A link handed over after the check above saw the flag still set and started no
-            // thread: take it on, unless a new thread already did.
-            if lock(&CLOSING).is_empty() || CLOSER.swap(true, Ordering::AcqRel) {
-                return;
-            }
-            continue;
-        }
-        thread::sleep(CLOSE_POLL);
     }
 }
 
