@@ -293,7 +293,10 @@ fn read_only_file_refuses_writes_over_tcp() {
         };
         // EPIPE, or ECONNRESET when the pump's end closed with our bytes still unread in it.
         assert!(
-            matches!(err.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset),
+            matches!(
+                err.kind(),
+                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset
+            ),
             "{err}"
         );
         drop((far, rx, tx, a, b));
@@ -473,7 +476,10 @@ fn peer_killed_mid_stream_ends_the_stream() {
         let err = writer.join().expect("writer thread");
         // EPIPE, or ECONNRESET when the pump's end closed with our bytes still unread in it.
         assert!(
-            matches!(err.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset),
+            matches!(
+                err.kind(),
+                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset
+            ),
             "{err}"
         );
         eprintln!("the stream ended {:?} after the kill", started.elapsed());
