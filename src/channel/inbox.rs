@@ -388,6 +388,12 @@ impl Inbox {
                     return Ok(e);
                 }
                 if s.senders == 0 {
+                    if self.has_lanes.load(Ordering::Acquire) {
+                        // A sender made the channel's first lane (its ring), wrote into it and
+                        // left since the check at the top: what it wrote is in that lane. The
+                        // lane is added before the sender count drops, so it is visible here.
+                        continue;
+                    }
                     return Err(if s.broken {
                         PopError::Disconnected
                     } else {
