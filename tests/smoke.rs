@@ -201,3 +201,45 @@ fn try_recv_alone_reads_the_session() {
         }
     }
 }
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Hold {
+    tx: Sender<u64>,
+}
+
+/// A receiver blocked reading a session (its channel has a sender over there) wakes for a
+/// message from a sender in its own process: that first local message makes the channel's
+/// ring, which the receiver must start reading at once. It used to go on reading the socket
+/// until the session delivered something or the wait ran out.
+#[test]
+fn local_send_wakes_a_receiver_reading_a_session() {
+    let listener = listen_with("tcp://127.0.0.1:0", &Options::new().shm(false)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tcp = std::thread::spawn(move || connect_with(&addr, &Options::new().shm(false)));
+    let server = listener.accept().unwrap();
+    let tcp_pair = (tcp.join().unwrap().unwrap(), server);
+    let unix_pair = Session::pair_with(&Options::new().shm(false)).unwrap();
+    for (a, b) in [unix_pair, tcp_pair] {
+        let (tx, rx) = pipe::<u64>();
+        let hold = a.open_channel::<Hold>().unwrap();
+        hold.send(Hold { tx: tx.clone() }).unwrap();
+        let held = b.accept_channel::<Hold>().unwrap().recv().unwrap();
+        // The peer keeps a sender: the receiver below reads the session while it waits.
+        let _remote = held.take(&held.tx).unwrap();
+        let receiver = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let got = rx.recv_timeout(std::time::Duration::from_secs(20));
+            (got.map(|m| m.to_native()), start.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        tx.send(5).unwrap();
+        let (got, took) = receiver.join().unwrap();
+        assert_eq!(got, Ok(5), "{}", a.transport());
+        // A liveness bound, far above any wake-up: the old behaviour waited out the 20 s.
+        assert!(
+            took < std::time::Duration::from_secs(10),
+            "{}: took {took:?}",
+            a.transport()
+        );
+    }
+}

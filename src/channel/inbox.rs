@@ -416,9 +416,12 @@ impl Inbox {
             };
             if let Some(conn) = feed {
                 // Read the session ourselves when nobody else is: no hand-off between threads.
+                // A lane added meanwhile (a local sender's first message makes the channel's
+                // ring) ends the read too: that message is in the lane, not the queue.
                 let ready = || {
                     self.len.load(Ordering::Acquire) > 0
                         || self.open_senders.load(Ordering::Acquire) == 0
+                        || self.has_lanes.load(Ordering::Acquire)
                 };
                 let drove = conn.drive(wait, &ready);
                 self.lock().driving = None;
