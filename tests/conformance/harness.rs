@@ -177,7 +177,6 @@ pub struct TcpWire;
 impl Wire for TcpWire {
     const NAME: &'static str = "tcp";
     const TRANSPORT: libchan::Transport = libchan::Transport::Tcp;
-    const FDS: bool = true;
 
     fn connect() -> (Session, Session) {
         // Without shared memory: on loopback the session would otherwise move to shm

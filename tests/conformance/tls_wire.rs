@@ -29,7 +29,6 @@ pub type TlsT = SessionT<TlsWire>;
 impl Wire for TlsWire {
     const NAME: &'static str = "tls";
     const TRANSPORT: libchan::Transport = libchan::Transport::Tls;
-    const FDS: bool = false;
 
     fn connect() -> (Session, Session) {
         let (listener, addr) = listen();

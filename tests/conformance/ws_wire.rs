@@ -43,7 +43,6 @@ pub type WsT = SessionT<WsWire>;
 impl Wire for WsWire {
     const NAME: &'static str = "ws";
     const TRANSPORT: libchan::Transport = libchan::Transport::Ws;
-    const FDS: bool = false;
 
     fn connect() -> (Session, Session) {
         let listener = ws_listener();
@@ -68,7 +67,6 @@ pub type WsNginxT = SessionT<NginxWire>;
 impl Wire for NginxWire {
     const NAME: &'static str = "ws_nginx";
     const TRANSPORT: libchan::Transport = libchan::Transport::Ws;
-    const FDS: bool = false;
 
     fn connect() -> (Session, Session) {
         let Some(nginx) = nginx() else {
