@@ -14,14 +14,18 @@
 //!   each job a worker tells the next one, directly, not through the coordinator;
 //! - a progress bar runs on stderr, and a table per worker ends the run.
 //!
-//! Ctrl-C stops everything: the terminal signals the coordinator and its workers together (one
-//! process group), and a worker whose coordinator dies any other way sees its session close
-//! and exits. Nothing is left behind.
+//! Ctrl-C ends the run early and cleanly: the coordinator stops sending jobs, closes each
+//! worker's job channel (a worker exits when it closes), waits for every worker, prints the
+//! table so far and exits 0. The workers run in process groups of their own, so the terminal's
+//! Ctrl-C reaches only the coordinator; a worker whose coordinator dies any other way sees its
+//! session close and exits. Nothing is left behind.
 
 use std::error::Error;
 use std::io::{Read, Seek, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -170,13 +174,17 @@ impl Worker {
 }
 
 fn coordinate(n: usize, duration: Duration, size: usize) -> Result<()> {
+    // Ctrl-C only raises this flag: the run then ends as it would when the time is up.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Relaxed))?;
     let exe = std::env::current_exe()?;
     let cpus = allowed_cpus();
     let mut workers = Vec::new();
     for i in 0..n {
         let cpu = cpus[i % cpus.len()];
         let opts = SpawnOptions::new().core(cpu);
-        let (child, session) = libchan::spawn_with(Command::new(&exe), &opts)?;
+        let (child, session) = libchan::spawn_with(worker_command(&exe), &opts)?;
         workers.push(Worker::new(i.to_string(), cpu.to_string(), child, session)?);
     }
     // Channel i of the ring goes from worker i to worker i+1. Handing out the receiving end
@@ -195,34 +203,40 @@ fn coordinate(n: usize, duration: Duration, size: usize) -> Result<()> {
     }
     // The same worker code over TCP, shared memory off, and not in the ring.
     let listener = libchan::listen_with("tcp://127.0.0.1:0", &Options::new().shm(false))?;
-    let child = Command::new(&exe)
+    let child = worker_command(&exe)
         .env(TCP_WORKER, listener.local_addr()?)
         .spawn()?;
     let session = accept_within(listener, Duration::from_secs(10))?;
     workers.push(Worker::new("tcp".into(), "-".into(), child, session)?);
 
-    // One thread per worker sends it jobs, one at a time, until the time is up.
-    let until = Instant::now() + duration;
-    let count = Arc::new(AtomicU64::new(0));
+    // One thread per worker sends it jobs, one at a time, until the time is up or Ctrl-C.
+    let (start, count) = (Instant::now(), Arc::new(AtomicU64::new(0)));
     let drivers: Vec<_> = workers
         .into_iter()
         .map(|worker| {
-            let count = count.clone();
-            thread::spawn(move || drive(worker, size, until, &count))
+            let (count, stop) = (count.clone(), stop.clone());
+            thread::spawn(move || drive(worker, size, &stop, &count))
         })
         .collect();
-    while Instant::now() < until {
+    while start.elapsed() < duration && !stop.load(Relaxed) {
         thread::sleep(Duration::from_millis(100));
-        let left = until.saturating_duration_since(Instant::now());
-        let done = 1.0 - left.as_secs_f64() / duration.as_secs_f64().max(1e-9);
-        let (bar, jobs) = ("#".repeat((done * 40.0) as usize), count.load(Relaxed));
-        eprint!("\r[{bar:<40}] {:>3.0}%  {jobs} jobs ", done * 100.0);
+        let part = (start.elapsed().as_secs_f64() / duration.as_secs_f64()).min(1.0);
+        let (bar, jobs) = ("#".repeat((part * 40.0) as usize), count.load(Relaxed));
+        eprint!("\r[{bar:<40}] {:>3.0}%  {jobs} jobs ", part * 100.0);
     }
     eprintln!();
-    let rows: Vec<String> = drivers
+    // The drivers stop, and close their workers' job channels. Join them all (each reaps its
+    // worker) before looking for errors.
+    let interrupted = stop.swap(true, Relaxed);
+    let rows: Vec<Result<String>> = drivers
         .into_iter()
         .map(|d| d.join().expect("a driver thread panicked"))
-        .collect::<Result<_>>()?;
+        .collect();
+    let rows = rows.into_iter().collect::<Result<Vec<_>>>()?;
+    if interrupted {
+        let secs = start.elapsed().as_secs_f64();
+        println!("\ninterrupted by Ctrl-C after {secs:.1} s: the table shows the jobs done so far");
+    }
     println!("\nworker  cpu  transport       jobs        MB/s   p50 rtt   p99 rtt  from peer");
     for row in &rows {
         println!("{row}");
@@ -231,9 +245,9 @@ fn coordinate(n: usize, duration: Duration, size: usize) -> Result<()> {
     Ok(())
 }
 
-/// Sends one worker jobs until `until`: a file to read, then `size`-byte payloads; then waits
-/// for it to exit. Returns its row of the table.
-fn drive(w: Worker, size: usize, until: Instant, count: &AtomicU64) -> Result<String> {
+/// Sends one worker jobs until `done`: a file to read, then `size`-byte payloads; then closes
+/// its job channel and waits for it to exit. Returns its row of the table.
+fn drive(w: Worker, size: usize, done: &AtomicBool, count: &AtomicU64) -> Result<String> {
     let (name, jobs, mut child) = (w.name, w.jobs, w.child);
     drop(w.links); // the worker starts on its jobs once its links channel is closed
     let text = b"a file handed to a worker process as a descriptor\n";
@@ -248,7 +262,7 @@ fn drive(w: Worker, size: usize, until: Instant, count: &AtomicU64) -> Result<St
     }
     let (start, mut rtts, mut heard) = (Instant::now(), Vec::new(), 0);
     for id in 1.. {
-        if Instant::now() >= until {
+        if done.load(Relaxed) {
             break;
         }
         let byte = id as u8;
@@ -287,6 +301,14 @@ fn ask(jobs: &Sender<Job>, id: u64, task: Task) -> Result<Answer> {
         return Err(format!("answer to job {} for job {id}", answer.id).into());
     }
     Ok(answer)
+}
+
+/// This program again, as a worker, in a process group of its own: the terminal sends Ctrl-C
+/// to its foreground group, and only the coordinator should get it.
+fn worker_command(exe: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.process_group(0);
+    cmd
 }
 
 /// Accepts one session, giving up after `limit` (the TCP worker may have failed to start).

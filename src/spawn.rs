@@ -11,24 +11,23 @@
 //! in the parent both ends stay close-on-exec, so no other child inherits them. [`parent`]
 //! takes the descriptor only if it is open and is that very socket (checked through
 //! `/proc/self/fd`), so a grandchild that inherited the variable but not the socket gets an
-//! error, never somebody else's descriptor.
+//! error, never somebody else's descriptor. The hook and the taking are the two unsafe steps;
+//! both live in `sys::process`, behind safe functions.
 //!
 //! A child that is not a libchan worker never says hello on its socket: [`spawn`] reports
 //! [`Error::Handshake`] when the child exits first (with its exit status), or kills and reaps
 //! it when it stays silent past [`SpawnOptions::timeout`].
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rustix::io::FdFlags;
 use rustix::thread::CpuSet;
 
 use crate::error::Error;
+use crate::sys::{self, Refused};
 use crate::transport::{Options, Role, Session};
 
 /// The environment variable that tells a child where its parent's socket is: `FD:INODE`.
@@ -40,9 +39,6 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often [`spawn`] looks whether a silent child has exited (a child's exit normally shows
 /// at once, as the end of its socket; this catches a child whose own children keep it open).
 const EXIT_CHECK: Duration = Duration::from_millis(100);
-
-/// Set once [`parent`] took the inherited socket: it can be taken only once.
-static TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// How [`spawn_with`] starts a worker.
 ///
@@ -180,23 +176,9 @@ pub fn spawn_with(mut cmd: Command, opts: &SpawnOptions) -> Result<(Child, Sessi
     };
     let inode = rustix::fs::fstat(&theirs)?.st_ino;
     cmd.env(PARENT_FD_VAR, format!("{}:{inode}", theirs.as_raw_fd()));
-    let hook = move || -> io::Result<()> {
-        rustix::io::fcntl_setfd(&theirs, FdFlags::empty())?;
-        if let Some(set) = &cpus {
-            rustix::thread::sched_setaffinity(None, set)?;
-        }
-        Ok(())
-    };
-    // SAFETY: `pre_exec` needs a hook that is safe to run in the forked child before exec,
-    // where only async-signal-safe calls are allowed. `hook` makes two system calls (fcntl
-    // and sched_setaffinity, through rustix, which neither allocates nor locks), reads only
-    // values it owns (the descriptor and the CPU set) and converts errors to `io::Error`
-    // from a raw errno, which does not allocate either.
-    unsafe {
-        cmd.pre_exec(hook);
-    }
+    sys::inherit_and_pin(&mut cmd, theirs, cpus);
     let spawned = cmd.spawn();
-    // The hook owns the child's end: dropping the command closes it here, so the child's exit
+    // The command owns the child's end: dropping it closes that end here, so the child's exit
     // shows as the end of our socket.
     drop(cmd);
     let mut child = spawned.map_err(|e| match (opts.core, e.raw_os_error()) {
@@ -234,20 +216,10 @@ pub fn parent() -> Result<Session, Error> {
 ///
 /// As [`parent`].
 pub fn parent_with(opts: &Options) -> Result<Session, Error> {
-    let raw = inherited()?;
-    if TAKEN.swap(true, Ordering::AcqRel) {
-        return Err(Error::Address(
-            "libchan::parent() was already called in this process: the parent's socket is taken"
-                .into(),
-        ));
-    }
-    // SAFETY: `inherited` checked that descriptor `raw` is open and is the socket our parent
-    // made for us (its inode is the one the parent wrote down). Nothing else in this process
-    // owns it: it was inherited, unknown to anything but the variable, and `TAKEN` makes sure
-    // it is taken only once.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let (raw, inode) = inherited()?;
+    let fd = sys::take_inherited_socket(raw, inode).map_err(|why| refused(raw, why))?;
     // From now on our own children must not inherit it.
-    rustix::io::fcntl_setfd(fd.as_fd(), FdFlags::CLOEXEC)?;
+    sys::set_cloexec(&fd)?;
     Session::from_unix_stream_with(UnixStream::from(fd), Role::Connector, opts)
 }
 
@@ -260,7 +232,7 @@ pub fn parent_with(opts: &Options) -> Result<Session, Error> {
 /// assert!(libchan::parent().is_err());
 /// ```
 pub fn is_worker() -> bool {
-    TAKEN.load(Ordering::Acquire) || inherited().is_ok()
+    sys::inherited_socket_taken() || inherited().is_ok()
 }
 
 /// Waits for the child's hello on `ours`, then runs the handshake; on failure makes sure the
@@ -317,13 +289,8 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// The descriptor the parent left for us, checked: open, and the socket it names.
-fn inherited() -> Result<RawFd, Error> {
-    let not_spawned = |why: &str| {
-        Error::Address(format!(
-            "this process was not started by libchan::spawn ({why}), so it has no parent session"
-        ))
-    };
+/// The descriptor the parent left for us and its inode, checked: open, and the socket it names.
+fn inherited() -> Result<(RawFd, u64), Error> {
     let var = std::env::var(PARENT_FD_VAR)
         .map_err(|_| not_spawned(&format!("{PARENT_FD_VAR} is not set")))?;
     let parsed = var
@@ -334,12 +301,26 @@ fn inherited() -> Result<RawFd, Error> {
             "{PARENT_FD_VAR}={var:?} is malformed"
         )));
     };
-    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .map_err(|_| not_spawned(&format!("descriptor {fd} is not open")))?;
-    if link.as_os_str() != format!("socket:[{inode}]").as_str() {
-        return Err(not_spawned(&format!(
+    sys::check_inherited_socket(fd, inode).map_err(|why| refused(fd, why))?;
+    Ok((fd, inode))
+}
+
+/// Why the parent's socket, descriptor `fd`, cannot be taken, as an error.
+fn refused(fd: RawFd, why: Refused) -> Error {
+    match why {
+        Refused::NotOpen => not_spawned(&format!("descriptor {fd} is not open")),
+        Refused::NotTheSocket => not_spawned(&format!(
             "descriptor {fd} is not the socket {PARENT_FD_VAR} names"
-        )));
+        )),
+        Refused::Taken => Error::Address(
+            "libchan::parent() was already called in this process: the parent's socket is taken"
+                .into(),
+        ),
     }
-    Ok(fd)
+}
+
+fn not_spawned(why: &str) -> Error {
+    Error::Address(format!(
+        "this process was not started by libchan::spawn ({why}), so it has no parent session"
+    ))
 }

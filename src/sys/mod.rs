@@ -6,6 +6,7 @@
 
 mod futex;
 mod memfd;
+mod process;
 mod socket;
 mod wake;
 
@@ -15,3 +16,7 @@ pub(crate) use wake::Doorbell;
 #[cfg_attr(not(test), allow(unused_imports))]
 pub(crate) use futex::{futex_wait, futex_wake, WaitResult};
 pub(crate) use memfd::{memfd, seal, seals, size, Seal};
+pub(crate) use process::{
+    check_inherited_socket, inherit_and_pin, inherited_socket_taken, set_cloexec,
+    take_inherited_socket, Refused,
+};
