@@ -243,7 +243,10 @@ enum Inner {
     },
 }
 
-/// Listens on `addr` (`unix:PATH` or `unix:@NAME`).
+/// Listens on `addr`: `unix:PATH`, `unix:@NAME` (abstract), `tcp://HOST:PORT`,
+/// `tls://HOST:PORT` (with a certificate: [`Options::tls_identity`]),
+/// `ws://HOST:PORT/PATH` or `wss://HOST:PORT/PATH`. Port 0 picks a free port
+/// ([`Listener::local_addr`] says which).
 ///
 /// ```
 /// let name = format!("unix:@libchan-doc-listen-{}", std::process::id());
@@ -343,7 +346,10 @@ pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
     }
 }
 
-/// Connects to a listener at `addr` (`unix:PATH` or `unix:@NAME`).
+/// Connects to a listener at `addr`, in any of the forms [`listen`] takes. A `tcp://` session
+/// to a listener on this host and network namespace moves to a unix socket, and so to shared
+/// memory ([`Session::transport`] says which; [`Options::shm`] turns it off); `tls://` needs the
+/// CA that signed the server's certificate ([`Options::tls_ca`]).
 ///
 /// # Errors
 ///
