@@ -307,72 +307,62 @@ impl Link for CrossbeamLink {
     }
 }
 
-/// The socket floor: length-prefixed frames over a raw byte stream (unix now, tcp later).
+/// The socket floors: length-prefixed frames over a raw byte stream `S`, either a socket
+/// ([`Split`]: unix, tcp) or a rustls stream (tls, one connection read and written by this one
+/// thread). One `write_all` + `flush` per message.
 struct RawLink<S: Read + Write> {
-    r: BufReader<S>,
-    w: S,
+    s: S,
     /// Header + payload of the last frame received or sent.
     buf: Vec<u8>,
 }
 
-impl RawLink<UnixStream> {
-    fn new(s: UnixStream) -> io::Result<Self> {
-        let w = s.try_clone()?;
-        Ok(RawLink {
+/// A socket read through a [`BufReader`] and written through a clone of itself.
+struct Split<S> {
+    r: BufReader<S>,
+    w: S,
+}
+
+impl<S: Read> Split<S> {
+    /// Reads `s`, writes `w` (the same socket).
+    fn new(s: S, w: S) -> Self {
+        Split {
             r: BufReader::with_capacity(RAW_READ_BUF, s),
             w,
-            buf: Vec::new(),
-        })
+        }
     }
 }
 
-impl RawLink<TcpStream> {
-    /// The TCP floor: Nagle off, as libchan sets it.
-    fn tcp(s: TcpStream) -> io::Result<Self> {
-        s.set_nodelay(true)?;
-        let w = s.try_clone()?;
-        Ok(RawLink {
-            r: BufReader::with_capacity(RAW_READ_BUF, s),
-            w,
-            buf: Vec::new(),
-        })
+impl<S: Read> Read for Split<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.r.read(buf)
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.r.read_exact(buf)
+    }
+}
+
+impl<S: Write> Write for Split<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.w.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.w.write_all(buf)
+    }
+
+    /// A no-op for the sockets (std's `flush` on them does nothing).
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
     }
 }
 
 impl<S: Read + Write> RawLink<S> {
-    /// Reads one frame into `buf`; `None` at a clean end of stream.
-    fn read_frame(&mut self) -> Res<Option<(u64, usize)>> {
-        let mut hdr = [0u8; RAW_HDR];
-        match self.r.read_exact(&mut hdr) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
-        let len = u32::from_le_bytes(hdr[..4].try_into().unwrap()) as usize;
-        let seq = u64::from_le_bytes(hdr[4..].try_into().unwrap());
-        let n = len.checked_sub(8).ok_or("raw frame: bad length")?;
-        if self.buf.len() < RAW_HDR + n {
-            self.buf.resize(RAW_HDR + n, 0);
-        }
-        self.buf[..RAW_HDR].copy_from_slice(&hdr);
-        self.r.read_exact(&mut self.buf[RAW_HDR..RAW_HDR + n])?;
-        touch_check(seq, &self.buf[RAW_HDR..RAW_HDR + n])?;
-        Ok(Some((seq, n)))
+    fn over(s: S) -> Self {
+        RawLink { s, buf: Vec::new() }
     }
-}
 
-/// The TLS floor: the same frames through a rustls stream (TLS 1.3, ring), one connection
-/// read and written by this one thread.
-struct RawTls<C> {
-    s: rustls::StreamOwned<C, TcpStream>,
-    buf: Vec<u8>,
-}
-
-impl<C, D> RawTls<C>
-where
-    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
-    D: rustls::SideData,
-{
+    /// Reads one frame into `buf`; `None` at a clean end of stream.
     fn read_frame(&mut self) -> Res<Option<(u64, usize)>> {
         let mut hdr = [0u8; RAW_HDR];
         match self.s.read_exact(&mut hdr) {
@@ -391,22 +381,39 @@ where
         touch_check(seq, &self.buf[RAW_HDR..RAW_HDR + n])?;
         Ok(Some((seq, n)))
     }
+
+    /// Writes the first `len` bytes of `buf` as one message.
+    fn write_buf(&mut self, len: usize) -> Res<()> {
+        self.s.write_all(&self.buf[..len])?;
+        self.s.flush()?;
+        Ok(())
+    }
 }
 
-impl<C, D> Link for RawTls<C>
-where
-    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
-    D: rustls::SideData,
-{
+impl RawLink<Split<UnixStream>> {
+    fn new(s: UnixStream) -> io::Result<Self> {
+        let w = s.try_clone()?;
+        Ok(RawLink::over(Split::new(s, w)))
+    }
+}
+
+impl RawLink<Split<TcpStream>> {
+    /// The TCP floor: Nagle off, as libchan sets it.
+    fn tcp(s: TcpStream) -> io::Result<Self> {
+        s.set_nodelay(true)?;
+        let w = s.try_clone()?;
+        Ok(RawLink::over(Split::new(s, w)))
+    }
+}
+
+impl<S: Read + Write> Link for RawLink<S> {
     fn send_new(&mut self, seq: u64, size: usize) -> Res<()> {
         let len = u32::try_from(8 + size).map_err(|_| "raw frame: too large")?;
         self.buf.clear();
         self.buf.extend_from_slice(&len.to_le_bytes());
         self.buf.extend_from_slice(&seq.to_le_bytes());
         self.buf.resize(RAW_HDR + size, seq as u8);
-        self.s.write_all(&self.buf)?;
-        self.s.flush()?;
-        Ok(())
+        self.write_buf(RAW_HDR + size)
     }
 
     fn recv_check(&mut self) -> Res<Option<(u64, usize)>> {
@@ -416,8 +423,7 @@ where
     fn echo(&mut self) -> Res<bool> {
         match self.read_frame()? {
             Some((_, n)) => {
-                self.s.write_all(&self.buf[..RAW_HDR + n])?;
-                self.s.flush()?;
+                self.write_buf(RAW_HDR + n)?;
                 Ok(true)
             }
             None => Ok(false),
@@ -481,32 +487,6 @@ fn tls_client_config(ca_pem: &[u8]) -> Res<Arc<rustls::ClientConfig>> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(cfg))
-}
-
-impl<S: Read + Write> Link for RawLink<S> {
-    fn send_new(&mut self, seq: u64, size: usize) -> Res<()> {
-        let len = u32::try_from(8 + size).map_err(|_| "raw frame: too large")?;
-        self.buf.clear();
-        self.buf.extend_from_slice(&len.to_le_bytes());
-        self.buf.extend_from_slice(&seq.to_le_bytes());
-        self.buf.resize(RAW_HDR + size, seq as u8);
-        self.w.write_all(&self.buf)?;
-        Ok(())
-    }
-
-    fn recv_check(&mut self) -> Res<Option<(u64, usize)>> {
-        self.read_frame()
-    }
-
-    fn echo(&mut self) -> Res<bool> {
-        match self.read_frame()? {
-            Some((_, n)) => {
-                self.w.write_all(&self.buf[..RAW_HDR + n])?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -673,6 +653,24 @@ fn respond_parked(session: &Session, mut l: ChanLink) -> Res<()> {
         Err(libchan::Error::Disconnected) => Ok(()),
         Err(e) => Err(format!("child: waiting for the parent to close: {e}").into()),
         Ok(_) => Err("child: unexpected channel from the parent".into()),
+    }
+}
+
+/// The child side of a libchan run on `session`: takes the parent's channel, opens one back,
+/// and echoes or consumes what comes (`--loan`: raw bytes read and written through loans).
+fn respond_on(session: &Session, mode: Mode, size: usize, warmup: usize, iters: usize) -> Res<()> {
+    if loan_mode() {
+        let rx = session.accept_channel_timeout::<Vec<u8>>(SETUP_TIMEOUT)?;
+        let tx = session.open_channel::<Vec<u8>>()?;
+        return respond(&mut LoanLink { tx, rx }, mode, size, warmup, iters);
+    }
+    let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
+    let tx = session.open_channel::<Payload>()?;
+    let mut link = ChanLink { tx, rx };
+    if mode == Mode::RttParked {
+        respond_parked(session, link)
+    } else {
+        respond(&mut link, mode, size, warmup, iters)
     }
 }
 
@@ -905,19 +903,7 @@ fn child_main(args: &[String]) -> Res<()> {
                 Transport::Unix
             };
             let session = chan_session(sock()?, Role::Acceptor, want, "child")?;
-            if loan_mode() {
-                let rx = session.accept_channel_timeout::<Vec<u8>>(SETUP_TIMEOUT)?;
-                let tx = session.open_channel::<Vec<u8>>()?;
-                return respond(&mut LoanLink { tx, rx }, mode, size, warmup, iters);
-            }
-            let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
-            let tx = session.open_channel::<Payload>()?;
-            let mut link = ChanLink { tx, rx };
-            if mode == Mode::RttParked {
-                respond_parked(&session, link)
-            } else {
-                respond(&mut link, mode, size, warmup, iters)
-            }
+            respond_on(&session, mode, size, warmup, iters)
         }
         ChildRole::Raw => respond(&mut RawLink::new(sock()?)?, mode, size, warmup, iters),
         r @ (ChildRole::ChanTcp | ChildRole::ChanTls) => {
@@ -931,14 +917,8 @@ fn child_main(args: &[String]) -> Res<()> {
             };
             let session = libchan::connect_with(&addr, &opts.shm(false))?;
             check_transport(&session, want, "child")?;
-            if loan_mode() {
-                let rx = session.accept_channel_timeout::<Vec<u8>>(SETUP_TIMEOUT)?;
-                let tx = session.open_channel::<Vec<u8>>()?;
-                return respond(&mut LoanLink { tx, rx }, mode, size, warmup, iters);
-            }
-            let rx = session.accept_channel_timeout::<Payload>(SETUP_TIMEOUT)?;
-            let tx = session.open_channel::<Payload>()?;
-            respond(&mut ChanLink { tx, rx }, mode, size, warmup, iters)
+            // rtt-parked runs on shm only: the parent never asks this side for it.
+            respond_on(&session, mode, size, warmup, iters)
         }
         ChildRole::RawTcp => {
             let addr = addr.ok_or("child: raw tcp needs --addr")?;
@@ -952,10 +932,7 @@ fn child_main(args: &[String]) -> Res<()> {
             s.set_nodelay(true)?;
             let name = rustls::pki_types::ServerName::try_from("localhost")?;
             let conn = rustls::ClientConnection::new(tls_client_config(&ca)?, name)?;
-            let mut link = RawTls {
-                s: rustls::StreamOwned::new(conn, s),
-                buf: Vec::new(),
-            };
+            let mut link = RawLink::over(rustls::StreamOwned::new(conn, s));
             respond(&mut link, mode, size, warmup, iters)
         }
         ChildRole::Shm => {
@@ -1180,10 +1157,7 @@ impl TransportKind {
                     let (sock, _) = listener.accept()?;
                     sock.set_nodelay(true)?;
                     let conn = rustls::ServerConnection::new(config)?;
-                    let mut link = RawTls {
-                        s: rustls::StreamOwned::new(conn, sock),
-                        buf: Vec::new(),
-                    };
+                    let mut link = RawLink::over(rustls::StreamOwned::new(conn, sock));
                     drive(&mut link, run.mode, run.size, run.warmup, run.iters)?
                 };
                 guard.finish()?;

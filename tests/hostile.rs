@@ -13,6 +13,8 @@
 //!
 //! The raw side plays the connector, so its channel ids are odd.
 
+mod common;
+
 use std::io::{IoSlice, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
@@ -21,18 +23,12 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{
+    frame, header, open, Header, Hello, CLOSE, DATA, GOAWAY, MAX_FRAME, MAX_MESSAGE, PING, WINDOW,
+};
 use libchan::{Error, Receiver, RecvTimeoutError, Role, Sender, Session};
 
-const OPEN: u8 = 1;
-const DATA: u8 = 2;
-const CLOSE: u8 = 3;
-const PING: u8 = 6;
-const GOAWAY: u8 = 8;
 const FD_HANDLE: u8 = 1;
-
-const MAX_FRAME: u32 = 16 * 1024 * 1024 + 64 * 1024;
-const MAX_MESSAGE: u32 = 16 * 1024 * 1024;
-const WINDOW: u32 = 256 * 1024;
 
 /// GOAWAY reason codes (section 4.2).
 const PROTOCOL_ERROR: u32 = 1;
@@ -49,64 +45,6 @@ struct Note {
 // Wire helpers
 // ---------------------------------------------------------------------------------------------
 
-struct Hello {
-    magic: [u8; 4],
-    version: u16,
-    features: u64,
-    max_frame: u32,
-    max_message: u32,
-    window: u32,
-    max_channels: u32,
-}
-
-impl Hello {
-    /// The reference defaults.
-    fn good() -> Self {
-        Hello {
-            magic: *b"LCHN",
-            version: 1,
-            features: 1,
-            max_frame: MAX_FRAME,
-            max_message: MAX_MESSAGE,
-            window: WINDOW,
-            max_channels: 65_536,
-        }
-    }
-
-    fn bytes(&self) -> [u8; 32] {
-        let mut h = [0u8; 32];
-        h[0..4].copy_from_slice(&self.magic);
-        h[4..6].copy_from_slice(&self.version.to_le_bytes());
-        h[8..16].copy_from_slice(&self.features.to_le_bytes());
-        h[16..20].copy_from_slice(&self.max_frame.to_le_bytes());
-        h[20..24].copy_from_slice(&self.max_message.to_le_bytes());
-        h[24..28].copy_from_slice(&self.window.to_le_bytes());
-        h[28..32].copy_from_slice(&self.max_channels.to_le_bytes());
-        h
-    }
-}
-
-fn header(len: u32, kind: u8, nfds: u16, chan: u32, arg: u32) -> Vec<u8> {
-    let mut f = Vec::with_capacity(16);
-    f.extend_from_slice(&len.to_le_bytes());
-    f.push(kind);
-    f.push(0);
-    f.extend_from_slice(&nfds.to_le_bytes());
-    f.extend_from_slice(&chan.to_le_bytes());
-    f.extend_from_slice(&arg.to_le_bytes());
-    f
-}
-
-fn frame(kind: u8, nfds: u16, chan: u32, arg: u32, body: &[u8]) -> Vec<u8> {
-    let mut f = header(body.len() as u32, kind, nfds, chan, arg);
-    f.extend_from_slice(body);
-    f
-}
-
-fn open<T: libchan::Message>(chan: u32) -> Vec<u8> {
-    frame(OPEN, 0, chan, 0, &libchan::fingerprint::<T>().to_le_bytes())
-}
-
 /// A DATA frame carrying `value` as the payload, with no handles.
 fn data_u64(chan: u32, value: u64) -> Vec<u8> {
     let payload = libchan::rkyv::to_bytes::<libchan::rkyv::rancor::Error>(&value).unwrap();
@@ -120,9 +58,7 @@ fn handshake(hello: [u8; 32]) -> (UnixStream, Result<Session, Error>) {
     raw.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     let libside = thread::spawn(move || Session::from_unix_stream(lib, Role::Acceptor));
     raw.write_all(&hello).unwrap();
-    let mut theirs = [0u8; 32];
-    raw.read_exact(&mut theirs).unwrap();
-    assert_eq!(&theirs[..4], b"LCHN", "libchan's hello");
+    common::read_hello(&mut raw);
     let session = libside.join().expect("handshake panicked");
     (raw, session)
 }
@@ -151,18 +87,15 @@ fn read_goaway(raw: &mut UnixStream) -> (u32, String) {
     }
     let mut at = 0;
     let mut goaway = None;
-    while at + 16 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        let kind = bytes[at + 4];
-        let arg = u32::from_le_bytes(bytes[at + 12..at + 16].try_into().unwrap());
-        let body = &bytes[at + 16..(at + 16 + len).min(bytes.len())];
-        if kind == GOAWAY {
+    while let Some(h) = bytes.get(at..).and_then(Header::parse) {
+        let body = &bytes[at + 16..(at + 16 + h.len).min(bytes.len())];
+        if h.kind == GOAWAY {
             assert!(goaway.is_none(), "two GOAWAY frames");
-            goaway = Some((arg, String::from_utf8_lossy(body).into_owned()));
+            goaway = Some((h.arg, String::from_utf8_lossy(body).into_owned()));
         } else {
-            assert!(goaway.is_none(), "frame of kind {kind} after GOAWAY");
+            assert!(goaway.is_none(), "frame of kind {} after GOAWAY", h.kind);
         }
-        at += 16 + len;
+        at += 16 + h.len;
     }
     assert_eq!(at, bytes.len(), "libchan wrote a partial frame");
     goaway.expect("libchan closed without a GOAWAY")

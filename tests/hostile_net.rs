@@ -12,7 +12,7 @@ use std::sync::{Mutex, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::with_timeout;
+use common::{header, open, with_timeout, Header, Hello, DATA, GOAWAY, PING};
 use libchan::{Error, Options, RecvTimeoutError, Session, Transport, TrySendError};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -54,27 +54,6 @@ fn logged(parts: &[&str]) -> bool {
     })
 }
 
-/// The reference hello without the FDS feature (docs/PROTOCOL.md §3).
-fn hello() -> [u8; 32] {
-    let mut h = [0u8; 32];
-    h[..4].copy_from_slice(b"LCHN");
-    h[4..6].copy_from_slice(&1u16.to_le_bytes());
-    h[16..20].copy_from_slice(&16_842_752u32.to_le_bytes());
-    h[20..24].copy_from_slice(&(16u32 << 20).to_le_bytes());
-    h[24..28].copy_from_slice(&(256u32 << 10).to_le_bytes());
-    h[28..32].copy_from_slice(&65_536u32.to_le_bytes());
-    h
-}
-
-fn header(len: u32, kind: u8, chan: u32) -> Vec<u8> {
-    let mut f = Vec::with_capacity(16);
-    f.extend_from_slice(&len.to_le_bytes());
-    f.extend_from_slice(&[kind, 0, 0, 0]);
-    f.extend_from_slice(&chan.to_le_bytes());
-    f.extend_from_slice(&0u32.to_le_bytes());
-    f
-}
-
 /// A listener on a free loopback port, with `opts` (shared memory off: these are network
 /// sessions even though both ends are on this host).
 fn listener(opts: &Options) -> (libchan::Listener, String) {
@@ -83,18 +62,21 @@ fn listener(opts: &Options) -> (libchan::Listener, String) {
     (l, addr)
 }
 
-/// A raw client that completed the handshake: our hello sent, the server's read.
+/// A raw client of `addr` that sent the reference hello of a network peer.
 fn raw_client(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr.trim_start_matches("tcp://")).expect("connect");
-    s.write_all(&hello()).expect("hello");
+    s.write_all(&Hello::network().bytes()).expect("hello");
     s
 }
 
-fn read_server_hello(raw: &mut TcpStream) {
-    let mut h = [0u8; 32];
+/// A raw client of `l` (at `addr`) past the handshake, our hello sent and the server's read,
+/// and the session `l` made for it.
+fn raw_session(l: &libchan::Listener, addr: &str) -> (TcpStream, Session) {
+    let mut raw = raw_client(addr);
+    let server = l.accept().expect("accept");
     raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    raw.read_exact(&mut h).expect("server hello");
-    assert_eq!(&h[..4], b"LCHN");
+    common::read_hello(&mut raw);
+    (raw, server)
 }
 
 /// A healthy session pair on `l`, with a channel each way checked to work.
@@ -108,6 +90,17 @@ fn healthy(l: &libchan::Listener, addr: &str) -> (Session, Session) {
     assert_eq!(client.transport(), Transport::Tcp);
     check_talks(&client, &server);
     (client, server)
+}
+
+/// Runs `attack` on a fresh listener (given with its address) beside a healthy session pair
+/// it made before, then checks that the pair still works.
+fn beside_healthy(attack: impl FnOnce(&libchan::Listener, &str) + Send + 'static) {
+    with_timeout(LIMIT, || {
+        let (l, addr) = listener(&Options::new());
+        let (a, b) = healthy(&l, &addr);
+        attack(&l, &addr);
+        check_talks(&a, &b);
+    });
 }
 
 fn check_talks(a: &Session, b: &Session) {
@@ -129,9 +122,7 @@ fn silent_peer_is_cut_off_by_keepalive() {
     with_timeout(LIMIT, || {
         let opts = Options::new().keepalive(Duration::from_millis(100), Duration::from_millis(500));
         let (l, addr) = listener(&opts);
-        let mut raw = raw_client(&addr);
-        let server = l.accept().expect("accept");
-        read_server_hello(&mut raw);
+        let (mut raw, server) = raw_session(&l, &addr);
         let start = Instant::now();
         let err = server
             .accept_channel_timeout::<u64>(Duration::from_secs(10))
@@ -145,21 +136,17 @@ fn silent_peer_is_cut_off_by_keepalive() {
         // The PINGs went out before the end: the peer saw frames of kind 6.
         let mut got = Vec::new();
         let _ = raw.read_to_end(&mut got);
-        let kinds: Vec<u8> = frames(&got).map(|(kind, _)| kind).collect();
-        assert!(kinds.contains(&6), "no PING among {kinds:?}");
+        let kinds: Vec<u8> = frames(&got).map(|h| h.kind).collect();
+        assert!(kinds.contains(&PING), "no PING among {kinds:?}");
     });
 }
 
-/// (kind, body length) of each whole frame in `bytes`.
-fn frames(mut bytes: &[u8]) -> impl Iterator<Item = (u8, usize)> + '_ {
+/// The header of each frame in `bytes` (the last one's body may be cut short).
+fn frames(mut bytes: &[u8]) -> impl Iterator<Item = Header> + '_ {
     std::iter::from_fn(move || {
-        if bytes.len() < 16 {
-            return None;
-        }
-        let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
-        let kind = bytes[4];
-        bytes = bytes.get(16 + len..).unwrap_or(&[]);
-        Some((kind, len))
+        let h = Header::parse(bytes)?;
+        bytes = bytes.get(16 + h.len..).unwrap_or(&[]);
+        Some(h)
     })
 }
 
@@ -187,9 +174,7 @@ fn idle_sessions_answer_each_others_pings() {
 #[test]
 fn garbage_client_is_refused_and_others_keep_working() {
     capture_logs();
-    with_timeout(LIMIT, || {
-        let (l, addr) = listener(&Options::new());
-        let (a, b) = healthy(&l, &addr);
+    beside_healthy(|l, addr| {
         let mut junk = TcpStream::connect(addr.trim_start_matches("tcp://")).unwrap();
         junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n and some more bytes..")
             .unwrap();
@@ -198,8 +183,7 @@ fn garbage_client_is_refused_and_others_keep_working() {
             other => panic!("expected a handshake error, got {other:?}"),
         }
         assert!(logged(&["WARN", "handshake failed"]));
-        check_talks(&a, &b);
-        let (c, d) = healthy(&l, &addr);
+        let (c, d) = healthy(l, addr);
         check_talks(&d, &c);
     });
 }
@@ -208,19 +192,13 @@ fn garbage_client_is_refused_and_others_keep_working() {
 /// keep working.
 #[test]
 fn truncated_frame_ends_only_its_session() {
-    with_timeout(LIMIT, || {
-        let (l, addr) = listener(&Options::new());
-        let (a, b) = healthy(&l, &addr);
-        let mut raw = raw_client(&addr);
-        let server = l.accept().expect("accept");
-        read_server_hello(&mut raw);
-        let mut open = header(8, 1, 1);
-        open.extend_from_slice(&libchan::fingerprint::<Vec<u8>>().to_le_bytes());
-        raw.write_all(&open).unwrap();
+    beside_healthy(|l, addr| {
+        let (mut raw, server) = raw_session(l, addr);
+        raw.write_all(&open::<Vec<u8>>(1)).unwrap();
         let rx = server
             .accept_channel_timeout::<Vec<u8>>(Duration::from_secs(5))
             .expect("accept");
-        raw.write_all(&header(1000, 2, 1)).unwrap();
+        raw.write_all(&header(1000, DATA, 0, 1, 0)).unwrap();
         raw.write_all(&[7u8; 300]).unwrap();
         drop(raw);
         assert_eq!(
@@ -229,7 +207,6 @@ fn truncated_frame_ends_only_its_session() {
         );
         let reason = server.close_reason().expect("reason");
         assert!(reason.contains("middle of a frame"), "reason: {reason}");
-        check_talks(&a, &b);
     });
 }
 
@@ -238,18 +215,14 @@ fn truncated_frame_ends_only_its_session() {
 #[test]
 fn huge_length_is_cut_off_at_once() {
     capture_logs();
-    with_timeout(LIMIT, || {
-        let (l, addr) = listener(&Options::new());
-        let (a, b) = healthy(&l, &addr);
-        let mut raw = raw_client(&addr);
-        let server = l.accept().expect("accept");
-        read_server_hello(&mut raw);
-        raw.write_all(&header(u32::MAX, 2, 1)).unwrap();
+    beside_healthy(|l, addr| {
+        let (mut raw, server) = raw_session(l, addr);
+        raw.write_all(&header(u32::MAX, DATA, 0, 1, 0)).unwrap();
         assert!(common::eventually(Duration::from_secs(5), || server.is_closed()));
         let mut got = Vec::new();
         let _ = raw.read_to_end(&mut got);
         assert!(
-            frames(&got).any(|(kind, _)| kind == 8),
+            frames(&got).any(|h| h.kind == GOAWAY),
             "no GOAWAY before the connection closed"
         );
         assert!(logged(&[
@@ -257,7 +230,6 @@ fn huge_length_is_cut_off_at_once() {
             "cutting off tcp 127.0.0.1",
             "protocol violation"
         ]));
-        check_talks(&a, &b);
     });
 }
 

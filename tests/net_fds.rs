@@ -9,15 +9,18 @@
 mod common;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{eventually, fd_count, with_timeout};
+use common::{
+    eventually, fd_count, frame, open, with_timeout, Header, Hello, KillOnDrop, CLOSE, CREDIT,
+    DATA, GOAWAY, PING, PONG, RESET,
+};
 use libchan::{ByteStream, Fd, Options, Receiver, Sender, Session, Transport};
 
 /// How long any test body may run.
@@ -66,11 +69,55 @@ fn tcp_pair() -> (Session, Session) {
     (client, server)
 }
 
-/// A channel from `a` to `b`.
-fn channel<T: libchan::Message>(a: &Session, b: &Session) -> (Sender<T>, Receiver<T>) {
-    let tx = a.open_channel::<T>().expect("open_channel");
-    let rx = b.accept_channel_timeout::<T>(PATIENCE).expect("accept");
-    (tx, rx)
+/// Runs a test body alone and within [`LIMIT`], on a fresh channel from one tcp session to
+/// another; then checks that every fd and thread the body used is gone.
+fn over_tcp<T: libchan::Message>(body: impl FnOnce(Sender<T>, Receiver<T>) + Send + 'static) {
+    let _g = alone();
+    with_timeout(LIMIT, || {
+        let base = Baseline::take();
+        let (a, b) = tcp_pair();
+        let tx = a.open_channel::<T>().expect("open_channel");
+        let rx = b.accept_channel_timeout::<T>(PATIENCE).expect("accept");
+        body(tx, rx);
+        drop((a, b));
+        base.assert_back();
+    });
+}
+
+/// Sends `fd` across (as message `tag`) and takes it out of the message at the far end.
+fn carry(tx: &Sender<Carry>, rx: &Receiver<Carry>, tag: u32, fd: impl Into<OwnedFd>) -> OwnedFd {
+    tx.send(Carry {
+        tag,
+        fd: Fd::new(fd),
+    })
+    .expect("send");
+    let m = rx.recv_timeout(PATIENCE).expect("recv");
+    assert_eq!(m.tag, tag);
+    m.take(&m.fd).expect("take fd").into_owned_fd()
+}
+
+/// Writes `content` into `w` on a thread, then closes it; reads `r` to EOF here and checks
+/// that exactly `content` came out.
+fn round_trip(mut w: impl Write + Send + 'static, mut r: impl Read, content: &[u8]) {
+    let c = content.to_vec();
+    let writer = thread::spawn(move || w.write_all(&c).expect("write"));
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).expect("read to EOF");
+    writer.join().expect("writer");
+    assert!(got == content, "{} of {} bytes", got.len(), content.len());
+}
+
+/// A write into a stream whose far end is gone fails with EPIPE, or with ECONNRESET when the
+/// pump's end closed with our bytes still unread in it.
+#[track_caller]
+fn assert_broken_pipe(err: &io::Error) {
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset
+        ),
+        "{err}"
+    );
 }
 
 fn thread_count() -> usize {
@@ -164,38 +211,25 @@ fn read_and_check(r: &mut impl Read, seed: u8, len: usize) {
 /// after the last byte.
 #[test]
 fn memfd_content_arrives_over_tcp() {
-    let _g = alone();
-    with_timeout(LIMIT, || {
-        let base = Baseline::take();
-        let (a, b) = tcp_pair();
-        let (tx, rx) = channel::<Carry>(&a, &b);
+    over_tcp(|tx, rx| {
         let content = pattern(7, 0, 300_000);
         let memfd = rustix::fs::memfd_create("net-fds", rustix::fs::MemfdFlags::CLOEXEC)
             .expect("memfd_create");
         let mut file = File::from(memfd);
         file.write_all(&content).expect("fill memfd");
         file.seek(SeekFrom::Start(1000)).expect("seek");
-        tx.send(Carry {
-            tag: 9,
-            fd: Fd::new(file),
-        })
-        .expect("send");
 
-        let m = rx.recv_timeout(PATIENCE).expect("recv");
-        assert_eq!(m.tag, 9);
-        let got = File::from(m.take(&m.fd).expect("take fd").into_owned_fd());
+        let got = File::from(carry(&tx, &rx, 9, file));
         assert!(
             got.metadata().expect("fstat").file_type().is_socket(),
             "a pumped fd arrives as a socket"
         );
-        let mut got = UnixStream::from(std::os::fd::OwnedFd::from(got));
+        let mut got = UnixStream::from(OwnedFd::from(got));
         got.set_read_timeout(Some(PATIENCE)).expect("timeout");
         let mut bytes = Vec::new();
         got.read_to_end(&mut bytes).expect("read to EOF");
         assert_eq!(bytes.len(), content.len() - 1000);
         assert!(bytes == content[1000..], "content differs");
-        drop((got, m, rx, tx, a, b));
-        base.assert_back();
     });
 }
 
@@ -203,21 +237,10 @@ fn memfd_content_arrives_over_tcp() {
 /// own (half-close), as the socket itself would.
 #[test]
 fn socketpair_end_talks_both_ways_over_tcp() {
-    let _g = alone();
-    with_timeout(LIMIT, || {
-        let base = Baseline::take();
-        let (a, b) = tcp_pair();
-        let (tx, rx) = channel::<Carry>(&a, &b);
+    over_tcp(|tx, rx| {
         let (mine, theirs) = UnixStream::pair().expect("socketpair");
         mine.set_read_timeout(Some(PATIENCE)).expect("timeout");
-        tx.send(Carry {
-            tag: 1,
-            fd: Fd::new(theirs),
-        })
-        .expect("send");
-        let m = rx.recv_timeout(PATIENCE).expect("recv");
-        let far = UnixStream::from(m.take(&m.fd).expect("take").into_owned_fd());
-        drop(m);
+        let far = UnixStream::from(carry(&tx, &rx, 1, theirs));
         far.set_read_timeout(Some(PATIENCE)).expect("timeout");
 
         (&mine).write_all("ping über tcp ✓\n".as_bytes()).unwrap();
@@ -249,9 +272,6 @@ fn socketpair_end_talks_both_ways_over_tcp() {
         let mut rest = Vec::new();
         far_lines.read_to_end(&mut rest).expect("far reads to EOF");
         assert!(rest.is_empty());
-        drop((far_lines, mine_lines));
-        drop((far, mine, rx, tx, a, b));
-        base.assert_back();
     });
 }
 
@@ -259,23 +279,12 @@ fn socketpair_end_talks_both_ways_over_tcp() {
 /// writing to the file would.
 #[test]
 fn read_only_file_refuses_writes_over_tcp() {
-    let _g = alone();
-    with_timeout(LIMIT, || {
-        let base = Baseline::take();
-        let (a, b) = tcp_pair();
-        let (tx, rx) = channel::<Carry>(&a, &b);
+    over_tcp(|tx, rx| {
         let path = std::env::temp_dir().join(format!("libchan-net-fds-{}", std::process::id()));
         std::fs::write(&path, b"read-only content").expect("write temp file");
         let file = File::open(&path).expect("open read-only");
         std::fs::remove_file(&path).expect("unlink");
-        tx.send(Carry {
-            tag: 2,
-            fd: Fd::new(file),
-        })
-        .expect("send");
-        let m = rx.recv_timeout(PATIENCE).expect("recv");
-        let mut far = UnixStream::from(m.take(&m.fd).expect("take").into_owned_fd());
-        drop(m);
+        let mut far = UnixStream::from(carry(&tx, &rx, 2, file));
         far.set_read_timeout(Some(PATIENCE)).expect("timeout");
         far.set_write_timeout(Some(PATIENCE)).expect("timeout");
         let mut got = String::new();
@@ -291,16 +300,7 @@ fn read_only_file_refuses_writes_over_tcp() {
                 Err(e) => break e,
             }
         };
-        // EPIPE, or ECONNRESET when the pump's end closed with our bytes still unread in it.
-        assert!(
-            matches!(
-                err.kind(),
-                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset
-            ),
-            "{err}"
-        );
-        drop((far, rx, tx, a, b));
-        base.assert_back();
+        assert_broken_pipe(&err);
     });
 }
 
@@ -309,50 +309,19 @@ fn read_only_file_refuses_writes_over_tcp() {
 /// either end is EOF at the other.
 #[test]
 fn pipe_ends_over_tcp() {
-    let _g = alone();
-    with_timeout(LIMIT, || {
-        let base = Baseline::take();
-        let (a, b) = tcp_pair();
-        let (tx, rx) = channel::<Carry>(&a, &b);
+    over_tcp(|tx, rx| {
         let content = pattern(3, 0, 200_000);
 
+        // The far side writes into the write end.
         let (r, w) = rustix::pipe::pipe().expect("pipe");
-        tx.send(Carry {
-            tag: 1,
-            fd: Fd::new(w),
-        })
-        .expect("send the write end");
-        let m = rx.recv_timeout(PATIENCE).expect("recv");
-        let mut far = File::from(m.take(&m.fd).expect("take").into_owned_fd());
-        drop(m);
-        let c = content.clone();
-        let writer = thread::spawn(move || {
-            far.write_all(&c).expect("far writes");
-            // Dropping it is the pipe's EOF here.
-        });
-        let mut got = Vec::new();
-        File::from(r).read_to_end(&mut got).expect("read to EOF");
-        writer.join().expect("far writer");
-        assert!(got == content, "{} of {} bytes", got.len(), content.len());
+        let far = File::from(carry(&tx, &rx, 1, w));
+        round_trip(far, File::from(r), &content);
 
+        // The far side reads from the read end.
         let (r, w) = rustix::pipe::pipe().expect("pipe");
-        tx.send(Carry {
-            tag: 2,
-            fd: Fd::new(r),
-        })
-        .expect("send the read end");
-        let m = rx.recv_timeout(PATIENCE).expect("recv");
-        let far = UnixStream::from(m.take(&m.fd).expect("take").into_owned_fd());
-        drop(m);
+        let far = UnixStream::from(carry(&tx, &rx, 2, r));
         far.set_read_timeout(Some(PATIENCE)).expect("timeout");
-        let c = content.clone();
-        let writer = thread::spawn(move || File::from(w).write_all(&c).expect("write"));
-        let mut got = Vec::new();
-        (&far).read_to_end(&mut got).expect("far reads to EOF");
-        writer.join().expect("writer");
-        assert!(got == content, "{} of {} bytes", got.len(), content.len());
-        drop((far, rx, tx, a, b));
-        base.assert_back();
+        round_trip(File::from(w), &far, &content);
     });
 }
 
@@ -361,11 +330,7 @@ fn pipe_ends_over_tcp() {
 /// the pump waits for credit rather than buffering everything.
 #[test]
 fn byte_stream_carries_8_mib_both_ways_with_bounded_memory() {
-    let _g = alone();
-    with_timeout(LIMIT, || {
-        let base = Baseline::take();
-        let (a, b) = tcp_pair();
-        let (tx, rx) = channel::<Piped>(&a, &b);
+    over_tcp(|tx: Sender<Piped>, rx| {
         let (mine, theirs) = ByteStream::pair().expect("pair");
         tx.send(Piped { stream: theirs }).expect("send");
         let m = rx.recv_timeout(PATIENCE).expect("recv");
@@ -423,8 +388,6 @@ fn byte_stream_carries_8_mib_both_ways_with_bounded_memory() {
             "8 MiB each way over loopback tcp in {secs:.3} s: {:.0} MiB/s per direction",
             BIG as f64 / (1 << 20) as f64 / secs
         );
-        drop((mine, far, rx, tx, a, b));
-        base.assert_back();
     });
 }
 
@@ -437,7 +400,8 @@ fn peer_killed_mid_stream_ends_the_stream() {
         let base = Baseline::take();
         let listener = libchan::listen_with("tcp://127.0.0.1:0", &opts()).expect("listen");
         let addr = listener.local_addr().expect("local_addr");
-        let mut kid = KillOnDrop(spawn_child("sink", &addr));
+        let child = common::child_command("LIBCHAN_NET_FDS", "sink", &addr).spawn();
+        let mut kid = KillOnDrop(child.expect("spawn the child process"));
         let session = listener.accept().expect("accept");
         drop(listener);
         assert_eq!(session.transport(), Transport::Tcp);
@@ -474,14 +438,7 @@ fn peer_killed_mid_stream_ends_the_stream() {
             Err(e) => assert_ne!(e.kind(), ErrorKind::WouldBlock, "read timed out: {e}"),
         }
         let err = writer.join().expect("writer thread");
-        // EPIPE, or ECONNRESET when the pump's end closed with our bytes still unread in it.
-        assert!(
-            matches!(
-                err.kind(),
-                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset
-            ),
-            "{err}"
-        );
+        assert_broken_pipe(&err);
         eprintln!("the stream ended {:?} after the kill", started.elapsed());
         assert!(session.is_closed(), "the session saw its peer die");
         drop((mine, tx, session));
@@ -493,44 +450,16 @@ fn peer_killed_mid_stream_ends_the_stream() {
 // The wire, spoken by hand (docs/PROTOCOL.md sections 5.6 and 8.2)
 // ---------------------------------------------------------------------------------------------
 
-const OPEN: u8 = 1;
-const DATA: u8 = 2;
-const CLOSE: u8 = 3;
-const RESET: u8 = 4;
-const CREDIT: u8 = 5;
-const PING: u8 = 6;
-const PONG: u8 = 7;
-const GOAWAY: u8 = 8;
-
 /// A raw TCP peer of a session: our hello (no features) is sent and the session's read.
 fn raw_peer() -> (std::net::TcpStream, Session) {
     let listener = libchan::listen_with("tcp://127.0.0.1:0", &opts()).expect("listen");
     let addr = listener.local_addr().expect("local_addr");
     let mut raw = std::net::TcpStream::connect(addr.trim_start_matches("tcp://")).expect("connect");
-    let mut hello = [0u8; 32];
-    hello[..4].copy_from_slice(b"LCHN");
-    hello[4..6].copy_from_slice(&1u16.to_le_bytes());
-    hello[16..20].copy_from_slice(&16_842_752u32.to_le_bytes());
-    hello[20..24].copy_from_slice(&(16u32 << 20).to_le_bytes());
-    hello[24..28].copy_from_slice(&(256u32 << 10).to_le_bytes());
-    hello[28..32].copy_from_slice(&65_536u32.to_le_bytes());
-    raw.write_all(&hello).expect("hello");
+    raw.write_all(&Hello::network().bytes()).expect("hello");
     let session = listener.accept().expect("handshake");
     raw.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    let mut theirs = [0u8; 32];
-    raw.read_exact(&mut theirs).expect("read hello");
-    assert_eq!(&theirs[..4], b"LCHN");
+    common::read_hello(&mut raw);
     (raw, session)
-}
-
-fn frame(kind: u8, chan: u32, arg: u32, body: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(16 + body.len());
-    f.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    f.extend_from_slice(&[kind, 0, 0, 0]);
-    f.extend_from_slice(&chan.to_le_bytes());
-    f.extend_from_slice(&arg.to_le_bytes());
-    f.extend_from_slice(body);
-    f
 }
 
 /// A PUMPED descriptor: `a` from us to the session, `b` back, handed over as an FD.
@@ -562,9 +491,12 @@ fn read_frames(
         let mut h = [0u8; 16];
         raw.read_exact(&mut h)
             .unwrap_or_else(|e| panic!("after {seen:?}: {e}"));
-        let len = u32::from_le_bytes(h[0..4].try_into().unwrap()) as usize;
-        let (kind, chan) = (h[4], u32::from_le_bytes(h[8..12].try_into().unwrap()));
-        let arg = u32::from_le_bytes(h[12..16].try_into().unwrap());
+        let Header {
+            len,
+            kind,
+            chan,
+            arg,
+        } = Header::parse(&h).expect("16 bytes");
         let mut body = vec![0u8; len];
         raw.read_exact(&mut body).expect("frame body");
         seen.push((kind, chan, arg));
@@ -582,9 +514,7 @@ fn pumped_stream_in_a_discarded_message_still_opens_its_channels() {
     let _g = alone();
     with_timeout(LIMIT, || {
         let (mut raw, session) = raw_peer();
-        let fp = libchan::fingerprint::<u64>();
-        raw.write_all(&frame(OPEN, 1, 0, &fp.to_le_bytes()))
-            .unwrap();
+        raw.write_all(&open::<u64>(1)).unwrap();
         let rx = session
             .accept_channel_timeout::<u64>(PATIENCE)
             .expect("accept");
@@ -593,10 +523,10 @@ fn pumped_stream_in_a_discarded_message_still_opens_its_channels() {
 
         let mut body = pumped_desc(3, 5).to_vec();
         body.extend_from_slice(&42u64.to_le_bytes());
-        raw.write_all(&frame(DATA, 1, 1, &body)).unwrap();
+        raw.write_all(&frame(DATA, 0, 1, 1, &body)).unwrap();
         // The pump's first bytes, on the channel the discarded frame opened.
-        raw.write_all(&frame(DATA, 3, 0, b"hello")).unwrap();
-        raw.write_all(&frame(PING, 0, 0, &7u64.to_le_bytes()))
+        raw.write_all(&frame(DATA, 0, 3, 0, b"hello")).unwrap();
+        raw.write_all(&frame(PING, 0, 0, 0, &7u64.to_le_bytes()))
             .unwrap();
         let seen = read_frames(&mut raw, |k, _, _| k == PONG || k == GOAWAY);
         assert!(
@@ -619,15 +549,14 @@ fn reused_channel_id_in_one_frame_ends_the_session() {
     with_timeout(LIMIT, || {
         let (mut raw, session) = raw_peer();
         let fp = libchan::fingerprint::<u64>();
-        raw.write_all(&frame(OPEN, 1, 0, &fp.to_le_bytes()))
-            .unwrap();
+        raw.write_all(&open::<u64>(1)).unwrap();
         let rx = session
             .accept_channel_timeout::<u64>(PATIENCE)
             .expect("accept");
         let mut body = receiver_desc(3, fp).to_vec();
         body.extend_from_slice(&pumped_desc(5, 3));
         body.extend_from_slice(&42u64.to_le_bytes());
-        raw.write_all(&frame(DATA, 1, 2, &body)).unwrap();
+        raw.write_all(&frame(DATA, 0, 1, 2, &body)).unwrap();
         match rx.recv_timeout(PATIENCE) {
             Err(libchan::RecvTimeoutError::Disconnected) => {}
             other => panic!("expected Disconnected, got {:?}", other.map(|m| *m)),
@@ -640,41 +569,12 @@ fn reused_channel_id_in_one_frame_ends_the_session() {
     });
 }
 
-/// Kills and reaps the child when dropped, whether the test passed or not.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_child(role: &str, addr: &str) -> Child {
-    let exe = std::env::current_exe().expect("path of the test binary");
-    Command::new(exe)
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env("LIBCHAN_NET_FDS_CHILD", role)
-        .env("LIBCHAN_NET_FDS_ADDR", addr)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn the child process")
-}
-
 /// Entry point of the child processes; a no-op when the test binary runs normally.
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var("LIBCHAN_NET_FDS_CHILD") else {
+    let Some((role, addr)) = common::child_role("LIBCHAN_NET_FDS", Duration::from_secs(20)) else {
         return;
     };
-    let addr = std::env::var("LIBCHAN_NET_FDS_ADDR").expect("LIBCHAN_NET_FDS_ADDR");
-    thread::spawn(|| {
-        thread::sleep(Duration::from_secs(20));
-        eprintln!("child watchdog fired");
-        std::process::exit(3);
-    });
     match role.as_str() {
         // Takes the stream, says it is ready, then never reads: the parent's writes pile up
         // until it is killed.

@@ -17,7 +17,7 @@ use common::{fresh_addr, with_timeout};
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -83,15 +83,7 @@ struct Kid {
 
 impl Kid {
     fn spawn(role: &'static str, addr: &str) -> Arc<Kid> {
-        let exe = std::env::current_exe().expect("path of the test binary");
-        let child = Command::new(exe)
-            .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-            .env("LIBCHAN_CHILD", role)
-            .env("LIBCHAN_ADDR", addr)
-            .stdin(Stdio::null())
-            // The child's harness chatter ("running 1 test") is noise; its panics go to stderr.
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+        let child = common::child_command("LIBCHAN", role, addr)
             .spawn()
             .expect("spawn the child process");
         Arc::new(Kid {
@@ -549,15 +541,9 @@ fn graceful_exit_keeps_channels_not_yet_accepted() {
 /// Entry point of the child processes; a no-op when the test binary runs normally.
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var("LIBCHAN_CHILD") else {
+    let Some((role, addr)) = common::child_role("LIBCHAN", CHILD_WATCHDOG) else {
         return;
     };
-    let addr = std::env::var("LIBCHAN_ADDR").expect("LIBCHAN_ADDR");
-    thread::spawn(|| {
-        thread::sleep(CHILD_WATCHDOG);
-        eprintln!("child watchdog fired");
-        std::process::exit(3);
-    });
     match role.as_str() {
         "sleeper" => child_sleeper(&addr),
         "streamer" => child_streamer(&addr),

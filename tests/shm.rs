@@ -9,7 +9,7 @@ mod common;
 
 use common::{eventually, fd_count, fresh_addr, with_timeout};
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -31,20 +31,10 @@ struct Kids(Vec<Child>);
 
 impl Kids {
     fn spawn(role: &str, addr: &str, n: usize) -> Kids {
-        let exe = std::env::current_exe().expect("path of the test binary");
+        let mut cmd = common::child_command("LIBCHAN_SHM", role, addr);
         Kids(
             (0..n)
-                .map(|_| {
-                    Command::new(&exe)
-                        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-                        .env("LIBCHAN_SHM_CHILD", role)
-                        .env("LIBCHAN_SHM_ADDR", addr)
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::inherit())
-                        .spawn()
-                        .expect("spawn the child")
-                })
+                .map(|_| cmd.spawn().expect("spawn the child"))
                 .collect(),
         )
     }
@@ -335,14 +325,9 @@ fn messages_are_read_in_place_in_rings_and_blobs() {
 
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var("LIBCHAN_SHM_CHILD") else {
+    let Some((role, addr)) = common::child_role("LIBCHAN_SHM", CHILD_WATCHDOG) else {
         return;
     };
-    let addr = std::env::var("LIBCHAN_SHM_ADDR").expect("LIBCHAN_SHM_ADDR");
-    thread::spawn(|| {
-        thread::sleep(CHILD_WATCHDOG);
-        std::process::exit(3);
-    });
     match role.as_str() {
         "echo" => {
             let session = libchan::connect(&addr).unwrap();

@@ -9,9 +9,8 @@
 
 mod common;
 
-use common::{fresh_addr, with_timeout};
+use common::{fresh_addr, with_timeout, KillOnDrop};
 
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -305,32 +304,15 @@ fn first_message_of_a_second_ring_keeps_its_place() {
 // Across uids
 // ---------------------------------------------------------------------------------------------
 
-/// The child process, killed and reaped on drop.
-struct Kid(Child);
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Re-executes this test binary as uid/gid `NOBODY`, running `child_entry` with `trust`.
-fn spawn_nobody(addr: &str, trust: &str) -> Kid {
+fn spawn_nobody(addr: &str, trust: &str) -> KillOnDrop {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().expect("path of the test binary");
-    let child = Command::new(exe)
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env("LIBCHAN_TRUST_CHILD", trust)
-        .env("LIBCHAN_TRUST_ADDR", addr)
+    let child = common::child_command("LIBCHAN_TRUST", trust, addr)
         .uid(NOBODY)
         .gid(NOBODY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn the child as nobody");
-    Kid(child)
+    KillOnDrop(child)
 }
 
 /// A session with a child of another uid, both sides using `trust`: returns the transport the
@@ -409,14 +391,9 @@ fn cross_uid_needs_untrusted_on_both_sides() {
 /// The child side of `cross_uid_needs_untrusted_on_both_sides` (a no-op in a normal run).
 #[test]
 fn child_entry() {
-    let Ok(mode) = std::env::var("LIBCHAN_TRUST_CHILD") else {
+    let Some((mode, addr)) = common::child_role("LIBCHAN_TRUST", CHILD_WATCHDOG) else {
         return;
     };
-    let addr = std::env::var("LIBCHAN_TRUST_ADDR").expect("LIBCHAN_TRUST_ADDR");
-    thread::spawn(|| {
-        thread::sleep(CHILD_WATCHDOG);
-        std::process::exit(3);
-    });
     let trust = match mode.as_str() {
         "untrusted" => Trust::Untrusted,
         "default" => Trust::SameUid,

@@ -294,15 +294,7 @@ pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
         }
         Addr::Tcp(hostport) => {
             let handshake: Arc<net::Handshake> = Arc::new(tcp::accept);
-            Ok(Listener {
-                inner: Inner::Net {
-                    server: net::Server::bind(&hostport, handshake)?,
-                    scheme: "tcp",
-                    path: String::new(),
-                },
-                path: None,
-                opts,
-            })
+            Listener::net(&hostport, handshake, "tcp", String::new(), opts)
         }
         Addr::Tls(hostport) => {
             tls::check_server(&opts)?;
@@ -310,15 +302,7 @@ pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
                 let link = tls::accept(stream, opts, HANDSHAKE_TIMEOUT)?;
                 Session::over(link, Role::Acceptor, opts)
             });
-            Ok(Listener {
-                inner: Inner::Net {
-                    server: net::Server::bind(&hostport, handshake)?,
-                    scheme: "tls",
-                    path: String::new(),
-                },
-                path: None,
-                opts,
-            })
+            Listener::net(&hostport, handshake, "tls", String::new(), opts)
         }
         Addr::Ws {
             hostport,
@@ -333,15 +317,8 @@ pub fn listen_with(addr: &str, opts: &Options) -> Result<Listener, Error> {
                 let link = ws::accept(stream, &want, secure, opts, HANDSHAKE_TIMEOUT)?;
                 Session::over(link, Role::Acceptor, opts)
             });
-            Ok(Listener {
-                inner: Inner::Net {
-                    server: net::Server::bind(&hostport, handshake)?,
-                    scheme: if secure { "wss" } else { "ws" },
-                    path,
-                },
-                path: None,
-                opts,
-            })
+            let scheme = if secure { "wss" } else { "ws" };
+            Listener::net(&hostport, handshake, scheme, path, opts)
         }
     }
 }
@@ -438,6 +415,26 @@ impl Listener {
                 path,
             } => Ok(format!("{scheme}://{}{path}", server.local_addr()?)),
         }
+    }
+
+    /// A network listener on `hostport` (`scheme://hostport{path}`) that runs `handshake` on
+    /// each connection, off the accept thread.
+    fn net(
+        hostport: &str,
+        handshake: Arc<net::Handshake>,
+        scheme: &'static str,
+        path: String,
+        opts: Options,
+    ) -> Result<Listener, Error> {
+        Ok(Listener {
+            inner: Inner::Net {
+                server: net::Server::bind(hostport, handshake)?,
+                scheme,
+                path,
+            },
+            path: None,
+            opts,
+        })
     }
 }
 

@@ -172,7 +172,8 @@ impl Options {
     /// [`Error::Io`] when the file cannot be read or holds no usable CA certificate.
     pub fn tls_ca(self, ca: impl AsRef<Path>) -> Result<Self, Error> {
         let pem = read_file(ca.as_ref())?;
-        self.tls_ca_from(&pem, &ca.as_ref().display().to_string())
+        let what = ca.as_ref().display().to_string();
+        self.add_cas(|t| &mut t.server_roots, &pem, &what)
     }
 
     /// [`Options::tls_ca`] from PEM text in memory.
@@ -191,7 +192,7 @@ impl Options {
     ///
     /// As [`Options::tls_ca`].
     pub fn tls_ca_pem(self, ca: &[u8]) -> Result<Self, Error> {
-        self.tls_ca_from(ca, "CA PEM")
+        self.add_cas(|t| &mut t.server_roots, ca, "CA PEM")
     }
 
     /// Requires mutual TLS on `tls://` (and `wss://`) listeners: every client must present a
@@ -214,7 +215,8 @@ impl Options {
     /// [`Error::Io`] when the file cannot be read or holds no usable CA certificate.
     pub fn tls_client_auth(self, ca: impl AsRef<Path>) -> Result<Self, Error> {
         let pem = read_file(ca.as_ref())?;
-        self.tls_client_auth_from(&pem, &ca.as_ref().display().to_string())
+        let what = ca.as_ref().display().to_string();
+        self.add_cas(|t| &mut t.client_roots, &pem, &what)
     }
 
     /// [`Options::tls_client_auth`] from PEM text in memory.
@@ -232,7 +234,7 @@ impl Options {
     ///
     /// As [`Options::tls_client_auth`].
     pub fn tls_client_auth_pem(self, ca: &[u8]) -> Result<Self, Error> {
-        self.tls_client_auth_from(ca, "CA PEM")
+        self.add_cas(|t| &mut t.client_roots, ca, "CA PEM")
     }
 
     /// The name the server's certificate must carry (a DNS name or an IP address), when it
@@ -273,19 +275,16 @@ impl Options {
         Ok(self)
     }
 
-    fn tls_ca_from(mut self, pem: &[u8], what: &str) -> Result<Self, Error> {
+    /// Adds the CA certificates in `pem` to the roots `which` picks: those that vouch for
+    /// servers or those that vouch for clients.
+    fn add_cas(
+        mut self,
+        which: fn(&mut TlsOptions) -> &mut Option<RootCertStore>,
+        pem: &[u8],
+        what: &str,
+    ) -> Result<Self, Error> {
         add_roots(
-            self.tls.server_roots.get_or_insert_with(empty_roots),
-            pem,
-            what,
-        )?;
-        self.tls.configs = Arc::default();
-        Ok(self)
-    }
-
-    fn tls_client_auth_from(mut self, pem: &[u8], what: &str) -> Result<Self, Error> {
-        add_roots(
-            self.tls.client_roots.get_or_insert_with(empty_roots),
+            which(&mut self.tls).get_or_insert_with(empty_roots),
             pem,
             what,
         )?;

@@ -87,13 +87,9 @@ pub(super) fn connect(
     let tcp = net::connect_tcp(hostport, timeout)?;
     let (io, stream) = open_stream(tcp, secure, Some(hostport), opts, deadline)?;
     let started = tungstenite::client::client_with_config(request, stream, Some(config(opts)));
-    let (ws, _response) = finish(started, io.fd(), deadline).map_err(|e| match e {
-        tungstenite::Error::Http(resp) => Error::Handshake(format!(
-            "{url}: the server refused the WebSocket upgrade: {}{}",
-            resp.status(),
-            body_text(resp.body().as_deref())
-        )),
-        e => upgrade_error(&url, e),
+    let (ws, _response) = finish(started, io.fd(), deadline).map_err(|e| {
+        let refused = format!("{url}: the server refused the WebSocket upgrade:");
+        upgrade_error(&url, &refused, e)
     })?;
     Ok(Box::new(WsLink::new(io, ws)))
 }
@@ -140,13 +136,9 @@ pub(super) fn accept(
         Ok(resp)
     };
     let started = tungstenite::accept_hdr_with_config(stream, check, Some(config(opts)));
-    let ws = finish(started, io.fd(), deadline).map_err(|e| match e {
-        tungstenite::Error::Http(resp) => Error::Handshake(format!(
-            "WebSocket upgrade from {peer} refused with {}{}",
-            resp.status(),
-            body_text(resp.body().as_deref())
-        )),
-        e => upgrade_error(&peer, e),
+    let ws = finish(started, io.fd(), deadline).map_err(|e| {
+        let refused = format!("WebSocket upgrade from {peer} refused with");
+        upgrade_error(&peer, &refused, e)
     })?;
     Ok(Box::new(WsLink::new(io, ws)))
 }
@@ -546,9 +538,15 @@ fn finish<R: HandshakeRole>(
     }
 }
 
-/// An upgrade that failed for another reason than an HTTP refusal.
-fn upgrade_error(who: &str, e: tungstenite::Error) -> Error {
+/// A failed upgrade as a session error: an HTTP refusal says `refused`, then the status and
+/// the first line of the answer's body; other errors name `who`, the other end.
+fn upgrade_error(who: &str, refused: &str, e: tungstenite::Error) -> Error {
     match e {
+        tungstenite::Error::Http(resp) => Error::Handshake(format!(
+            "{refused} {}{}",
+            resp.status(),
+            body_text(resp.body().as_deref())
+        )),
         tungstenite::Error::Io(e) if e.kind() == io::ErrorKind::TimedOut => {
             Error::Handshake(format!("{who}: {e}"))
         }
