@@ -263,8 +263,9 @@ fn ten_thousand_nested_channels_cost_no_fds() {
     assert_eq!(peer.join().unwrap(), N as usize);
     drop((receivers, a, b));
     assert!(
-        eventually(Duration::from_secs(5), || fd_count() == fds
-            && ring_mappings() == maps),
+        // At most the baseline: what an earlier test left closing may close meanwhile.
+        eventually(Duration::from_secs(5), || fd_count() <= fds
+            && ring_mappings() <= maps),
         "leak: fds {fds} -> {}, ring mappings {maps} -> {}",
         fd_count(),
         ring_mappings()
