@@ -130,14 +130,14 @@ impl Link for SocketLink {
 }
 
 impl Drop for SocketLink {
-    /// A TCP session that ended in order closes once its peer has (`net::Closing`); a unix
+    /// A TCP session that ended in order closes once its peer has (`closer::Closing`); a unix
     /// socket has no reset to fear and closes now.
     fn drop(&mut self) {
         if self.transport == Transport::Unix || *self.was_cut.get_mut() {
             return;
         }
         if let Ok(dup) = self.sock.try_clone() {
-            super::net::close_later(super::net::SocketClosing::new(dup));
+            super::closer::close_later(super::closer::SocketClosing::new(dup));
         }
     }
 }

@@ -15,6 +15,7 @@
 
 mod blob;
 mod chan;
+mod closer;
 mod conn;
 mod direct;
 mod keepalive;

@@ -599,11 +599,11 @@ impl Drop for TlsStream {
         let tls = self.tls.get_mut().unwrap_or_else(|e| e.into_inner());
         tls.send_close_notify();
         let _ = push(tls, fd);
-        // Then close once the peer has (net::Closing): closing now could reset the connection
+        // Then close once the peer has (closer::Closing): closing now could reset the connection
         // and lose the end of the session. After a `cut` the descriptor is already dead and
         // this ends at once.
         if let Ok(dup) = self.sock.try_clone() {
-            super::net::close_later(super::net::SocketClosing::new(dup));
+            super::closer::close_later(super::closer::SocketClosing::new(dup));
         }
     }
 }

@@ -48,7 +48,7 @@ use crate::sys;
 
 use super::link::Link;
 use super::tls::{self, TlsStream};
-use super::{net, Options, Transport};
+use super::{closer, net, Options, Transport};
 
 /// The WebSocket subprotocol a libchan client asks for and a libchan server requires.
 pub(super) const SUBPROTOCOL: &str = "libchan";
@@ -385,10 +385,10 @@ impl Drop for WsLink {
         st.eof = true;
         let _ = st.ws.close(None);
         drop(st);
-        net::close_later(Box::new(Closing {
+        closer::close_later(Box::new(Closing {
             io: self.io.clone(),
             state: self.state.clone(),
-            until: Instant::now() + net::CLOSE_LINGER,
+            until: Instant::now() + closer::CLOSE_LINGER,
             fin: false,
         }));
     }
@@ -406,7 +406,7 @@ struct Closing {
     fin: bool,
 }
 
-impl net::Closing for Closing {
+impl closer::Closing for Closing {
     fn step(&mut self) -> bool {
         let mut st = lock(&self.state);
         let flushed = !matches!(
