@@ -158,34 +158,25 @@ impl Link for ChanLink {
     }
 
     fn echo(&mut self) -> Res<bool> {
-        match self.rx.recv() {
-            Ok(m) => {
-                let seq = m.seq.to_native();
-                touch_check(seq, m.data.as_slice())?;
-                let data = m.data.as_slice().to_vec();
-                drop(m);
-                self.tx
-                    .send(Payload { seq, data })
-                    .map_err(|e| format!("libchan send: {e}"))?;
-                Ok(true)
-            }
-            Err(RecvError::Closed | RecvError::Disconnected) => Ok(false),
-            Err(e) => Err(format!("libchan recv: {e}").into()),
-        }
+        Ok(self.echo_after(Duration::ZERO)?.is_some())
     }
 }
 
 impl ChanLink {
-    /// [`Link::echo`], but busy-waits [`PARKED_DELAY`] between checking the message and
+    /// [`Link::echo`], busy-waiting `delay` (if not zero) between checking the message and
     /// sending it back; returns how long that wait actually took (`None` on close).
-    fn echo_delayed(&mut self) -> Res<Option<Duration>> {
+    fn echo_after(&mut self, delay: Duration) -> Res<Option<Duration>> {
         match self.rx.recv() {
             Ok(m) => {
                 let seq = m.seq.to_native();
                 touch_check(seq, m.data.as_slice())?;
                 let data = m.data.as_slice().to_vec();
                 drop(m);
-                let waited = busy_wait(PARKED_DELAY);
+                let waited = if delay.is_zero() {
+                    Duration::ZERO
+                } else {
+                    busy_wait(delay)
+                };
                 self.tx
                     .send(Payload { seq, data })
                     .map_err(|e| format!("libchan send: {e}"))?;
@@ -642,7 +633,7 @@ fn drive_parked(
 /// libchan rtt-parked, echo side: see [`drive_parked`].
 fn respond_parked(session: &Session, mut l: ChanLink) -> Res<()> {
     let mut delays = Vec::new();
-    while let Some(d) = l.echo_delayed()? {
+    while let Some(d) = l.echo_after(PARKED_DELAY)? {
         delays.push(d.as_nanos() as u64);
     }
     let tx = session.open_channel::<Vec<u64>>()?;
