@@ -39,6 +39,23 @@
 //! payload is published by the commit word's Release; the consumer's reads of a record happen
 //! before the producer overwrites it, through the `head` Release/Acquire pair.
 //!
+//! # Hot window
+//!
+//! Positions only grow, so a ring left to itself sweeps its whole data area (4 MiB for a
+//! session channel) before it reuses a byte: every record lands on cache lines neither core has
+//! touched for a long time, and on the first lap on pages nobody has touched at all (a page
+//! fault every few dozen small records). Once `tail` is [`HOT_WINDOW`] bytes or more into the
+//! data area, the producer starts the next record at offset 0 (padding out the rest of the lap,
+//! which the consumer skips with one read) whenever the consumer has released enough for it. A
+//! channel whose consumer keeps up thus cycles through the same cache-warm lines and pages; one
+//! whose consumer falls behind still gets the whole ring. The producer reloads `head` for this
+//! at most once per [`HOT_RECHECK`] bytes, so a consumer that lags costs a load now and then.
+//!
+//! The price: right after an early wrap the padding counts as unreleased until the consumer
+//! reads past it, so a producer that then runs ahead of a consumer that is not reading has the
+//! lap it wrapped at (at least `HOT_WINDOW` bytes), not the whole ring, until the consumer
+//! moves on.
+//!
 //! The algorithm is the classic Lamport ring with cached indices (as in folly's
 //! `ProducerConsumerQueue` and rigtorp's `SPSCQueue`), over variable-size records with a commit
 //! word and end-of-buffer padding as in Aeron's log buffers.
@@ -152,6 +169,16 @@ pub(crate) const MIN_CAPACITY: usize = 64;
 /// Largest data area: record sizes must fit in the 30 length bits of a commit word.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const MAX_CAPACITY: usize = 1 << 30;
+
+/// Once `tail` is this far into the data area, the producer starts over at offset 0 as soon as
+/// the consumer has released enough (see [Hot window](self#hot-window)). It is also the least a
+/// producer can write ahead of a consumer that stopped reading right after such a wrap: as much
+/// as a socket session's credit window (256 KiB), so a channel holds at least as much unread on
+/// shared memory as on a socket.
+pub(crate) const HOT_WINDOW: usize = 256 << 10;
+
+/// Bytes the producer writes between two reloads of `head` for a hot-window wrap.
+pub(crate) const HOT_RECHECK: u64 = (HOT_WINDOW / 4) as u64;
 
 /// Offset in the region of the *consumer parked* word ([`Consumer::data_word`]), for code that
 /// holds the region but not the consumer.
@@ -370,6 +397,8 @@ pub(crate) struct Producer<R: Memory> {
     tail: u64,
     /// The consumer's `head` as last loaded; `tail - cached_head <= capacity` always holds.
     cached_head: u64,
+    /// The `tail` from which a hot-window wrap may reload `head` again.
+    wrap_check: u64,
     corrupt: Option<Corrupt>,
 }
 
@@ -438,6 +467,7 @@ impl<R: Memory> Producer<R> {
             ring,
             tail,
             cached_head: head,
+            wrap_check: tail,
             corrupt: None,
         })
     }
@@ -501,7 +531,8 @@ impl<R: Memory> Producer<R> {
     /// for such a record, or if `len > max_len()`.
     ///
     /// Cheap enough to spin on: it reloads the consumer's `head` only when the cached copy says
-    /// there is no room. This is the re-check between [`park_prepare`](Self::park_prepare) and
+    /// there is no room (and, past the hot window, once per `HOT_RECHECK` bytes). This is the
+    /// re-check between [`park_prepare`](Self::park_prepare) and
     /// `futex_wait`.
     ///
     /// # Errors
@@ -522,23 +553,44 @@ impl<R: Memory> Producer<R> {
         }
         let size = record_size(len);
         let off = self.ring.offset(self.tail);
-        let pad = if size > self.ring.cap - off {
-            self.ring.cap - off
-        } else {
-            0
-        };
-        let need = (pad + size) as u64;
-        let cap = self.ring.cap as u64;
-        if self.tail - self.cached_head + need > cap {
-            // Acquire: pairs with the Release store of `head` in `Consumer::publish_head`, so the
-            // consumer's reads of the bytes it released happen before we overwrite them.
-            let head = self.ring.index(Line::Head).load(Ordering::Acquire);
-            self.cached_head = self.check_head(head)?;
-            if self.tail - self.cached_head + need > cap {
+        let cap = self.ring.cap;
+        if off >= HOT_WINDOW {
+            // Far enough in: start over at offset 0 if the consumer has released enough (see
+            // Hot window), reloading `head` for it at most once per `HOT_RECHECK` bytes.
+            let pad = cap - off;
+            if self.fits(pad + size) {
+                return Ok(Some((pad, size)));
+            }
+            if self.tail >= self.wrap_check {
+                self.wrap_check = self.tail + HOT_RECHECK;
+                self.reload_head()?;
+                if self.fits(pad + size) {
+                    return Ok(Some((pad, size)));
+                }
+            }
+        }
+        let pad = if size > cap - off { cap - off } else { 0 };
+        if !self.fits(pad + size) {
+            self.reload_head()?;
+            if !self.fits(pad + size) {
                 return Ok(None);
             }
         }
         Ok(Some((pad, size)))
+    }
+
+    /// Whether `need` more bytes fit after `tail`, by the cached `head`.
+    fn fits(&self, need: usize) -> bool {
+        self.tail - self.cached_head + need as u64 <= self.ring.cap as u64
+    }
+
+    /// Loads the consumer's `head` into the cache.
+    fn reload_head(&mut self) -> Result<(), Corrupt> {
+        // Acquire: pairs with the Release store of `head` in `Consumer::publish_head`, so the
+        // consumer's reads of the bytes it released happen before we overwrite them.
+        let head = self.ring.index(Line::Head).load(Ordering::Acquire);
+        self.cached_head = self.check_head(head)?;
+        Ok(())
     }
 
     /// Checks a `head` loaded from the region: aligned, and in `[cached_head, tail]` (the consumer
@@ -1588,6 +1640,60 @@ mod tests {
         let rec = c.pop().unwrap().unwrap();
         c.release();
         let _ = c.to_vec(rec);
+    }
+
+    #[test]
+    fn hot_window_starts_over_while_the_consumer_keeps_up() {
+        let cap = 4 * HOT_WINDOW;
+        let (mut p, mut c) = pair(cap);
+        // Records of `size` bytes with their header (fewer, larger ones under miri).
+        let size = if cfg!(miri) { 16 << 10 } else { 1 << 10 };
+        let data = payload(7, size - RECORD_HEADER);
+        let per_lap = HOT_WINDOW / size + 1;
+        // A consumer that keeps up: the producer goes back to offset 0 once past the window.
+        let mut offsets = Vec::new();
+        for _ in 0..3 * per_lap {
+            assert!(push(&mut p, &data));
+            let rec = c.pop().unwrap().unwrap();
+            offsets.push(c.ring.offset(rec.pos()));
+            assert_eq!(c.to_vec(rec), data);
+            c.release();
+        }
+        assert!(
+            offsets.iter().all(|&o| o < HOT_WINDOW + size),
+            "stayed in the window"
+        );
+        assert!(
+            offsets.iter().filter(|&&o| o == 0).count() >= 3,
+            "wrapped every lap"
+        );
+        // A consumer that stops reading right after a wrap: the producer still gets the lap it
+        // wrapped at, at least the window.
+        loop {
+            assert!(push(&mut p, &data));
+            let rec = c.pop().unwrap().unwrap();
+            c.release();
+            if c.ring.offset(rec.pos()) == 0 {
+                break;
+            }
+        }
+        let mut held = 0;
+        while push(&mut p, &data) {
+            held += 1;
+        }
+        assert!(held * size >= HOT_WINDOW, "only {held} records fit");
+        for _ in 0..held {
+            assert_eq!(pop_vec(&mut c).unwrap(), data);
+        }
+        assert_eq!(c.pop(), Ok(None));
+        c.release();
+        // A consumer that falls behind before the window ends: the producer fills the ring.
+        let (mut p, _c) = pair(cap);
+        let mut more = 0;
+        while push(&mut p, &data) {
+            more += 1;
+        }
+        assert_eq!(more, cap / size, "the whole ring");
     }
 
     #[test]
