@@ -153,9 +153,14 @@ impl<T: Message> Msg<T> {
             None => Body::Owned(packet.bytes),
         };
         let archive = Validated::new(body)?;
+        let handles = if packet.handles.is_empty() {
+            Vec::new()
+        } else {
+            packet.handles.into_iter().map(Some).collect()
+        };
         Ok(Self {
             archive,
-            handles: Mutex::new(packet.handles.into_iter().map(Some).collect()),
+            handles: Mutex::new(handles),
         })
     }
 

@@ -16,14 +16,16 @@ mod fd;
 mod handles;
 mod stream;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::rancor;
-use rkyv::ser::allocator::ArenaHandle;
+use rkyv::ser::allocator::{Arena, ArenaHandle};
+use rkyv::ser::sharing::Share;
 use rkyv::ser::writer::{Positional, Writer};
+use rkyv::ser::Serializer;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Portable, Serialize};
 
@@ -68,7 +70,11 @@ pub type De = HighDeserializer<rancor::Error>;
 /// ```
 pub trait Message: Archive + Send + Sized + 'static {
     #[doc(hidden)]
-    fn encode_into(&self, out: LimitedVec) -> Result<LimitedVec, rancor::Error>;
+    fn encode_into(
+        &self,
+        out: LimitedVec,
+        arena: ArenaHandle<'_>,
+    ) -> Result<LimitedVec, rancor::Error>;
     #[doc(hidden)]
     fn check(bytes: &[u8]) -> Result<&Self::Archived, rancor::Error>;
     #[doc(hidden)]
@@ -80,8 +86,16 @@ where
     T: Archive + Send + 'static + for<'a> Serialize<Ser<'a>>,
     T::Archived: Portable + for<'a> rkyv::bytecheck::CheckBytes<Val<'a>> + Deserialize<T, De>,
 {
-    fn encode_into(&self, out: LimitedVec) -> Result<LimitedVec, rancor::Error> {
-        rkyv::api::high::to_bytes_in(self, out)
+    #[inline]
+    fn encode_into(
+        &self,
+        out: LimitedVec,
+        arena: ArenaHandle<'_>,
+    ) -> Result<LimitedVec, rancor::Error> {
+        // What `rkyv::to_bytes_in` does, minus its thread-local arena: `encode_with` lends one.
+        let mut serializer = Serializer::new(out, arena, Share::new());
+        rkyv::api::serialize_using(self, &mut serializer)?;
+        Ok(serializer.into_writer())
     }
 
     fn check(bytes: &[u8]) -> Result<&Self::Archived, rancor::Error> {
@@ -126,8 +140,8 @@ pub(crate) fn encode<T: Message>(
         slot: None,
         slot_len: 0,
     };
-    let (result, handles) = collect_handles(|| value.encode_into(out));
-    match result {
+    OVERFLOWED.set(false);
+    encode_with(value, out, |result, handles| match result {
         Ok(out) if !out.overflow => Ok(Packet {
             bytes: out.vec,
             handles,
@@ -138,7 +152,7 @@ pub(crate) fn encode<T: Message>(
         }),
         Err(e) => {
             let text = e.to_string();
-            if text.contains(OVERFLOW) {
+            if OVERFLOWED.replace(false) || text.contains(OVERFLOW) {
                 Err(Error::TooLarge {
                     size: limit + 1,
                     limit,
@@ -147,7 +161,7 @@ pub(crate) fn encode<T: Message>(
                 Err(Error::Encode(text))
             }
         }
-    }
+    })
 }
 
 /// Whoever lent the bytes of a [`Lent`] (a shared-memory ring), to be told when they come back.
@@ -305,7 +319,21 @@ pub struct LimitedVec {
 
 const OVERFLOW: &str = "libchan: message exceeds the size limit";
 
+impl LimitedVec {
+    /// Records that a write was refused for going past the limit.
+    #[cold]
+    #[inline(never)]
+    fn overflowed<E: rancor::Source>(&mut self) -> E {
+        self.overflow = true;
+        // The writer is lost with the error it returns, and in a release build rancor's error
+        // carries no message: the thread remembers the overflow for `encode` to report.
+        OVERFLOWED.set(true);
+        E::new(LimitError)
+    }
+}
+
 impl Positional for LimitedVec {
+    #[inline]
     fn pos(&self) -> usize {
         match self.slot {
             Some(_) => self.slot_len,
@@ -315,16 +343,16 @@ impl Positional for LimitedVec {
 }
 
 impl<E: rancor::Source> Writer<E> for LimitedVec {
+    #[inline]
     fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
-        if self.pos() + bytes.len() > self.limit {
-            self.overflow = true;
-            return Err(E::new(LimitError));
-        }
         match self.slot {
             Some(base) => {
+                if self.slot_len + bytes.len() > self.limit {
+                    return Err(self.overflowed());
+                }
                 // SAFETY: `encode_in_place`'s contract makes `base..base + limit` valid for
                 // writes and unaliased by references; `slot_len + bytes.len() <= limit` was
-                // checked above, and `bytes` is a Rust slice, so it cannot overlap the slot.
+                // checked just above, and `bytes` is a Rust slice, so it cannot overlap the slot.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         bytes.as_ptr(),
@@ -334,7 +362,12 @@ impl<E: rancor::Source> Writer<E> for LimitedVec {
                 }
                 self.slot_len += bytes.len();
             }
-            None => self.vec.extend_from_slice(bytes),
+            None => {
+                if self.vec.len() + bytes.len() > self.limit {
+                    return Err(self.overflowed());
+                }
+                self.vec.extend_from_slice(bytes);
+            }
         }
         Ok(())
     }
@@ -361,12 +394,11 @@ pub(crate) unsafe fn encode_in_place<T: Message>(
         slot: Some(std::ptr::NonNull::new(slot)?),
         slot_len: 0,
     };
-    let (result, handles) = collect_handles(|| value.encode_into(out));
-    match result {
+    encode_with(value, out, |result, handles| match result {
         Ok(out) if !out.overflow && handles.is_empty() => Some(out.slot_len),
         // Dropping `handles` releases the duplicates serialization made.
         _ => None,
-    }
+    })
 }
 
 #[derive(Debug)]
@@ -380,23 +412,95 @@ impl std::fmt::Display for LimitError {
 
 impl std::error::Error for LimitError {}
 
-thread_local! {
-    static ENCODE_HANDLES: RefCell<Option<Vec<Handle>>> = const { RefCell::new(None) };
-    static DECODE_TABLE: RefCell<Option<Vec<Option<Handle>>>> = const { RefCell::new(None) };
+/// What encoding keeps per thread. The two parts are borrowed separately: while a value
+/// serializes, its handle fields push to `handles` (`push_handle`) and a nested encode (a
+/// `Serialize` impl that encodes another message) finds `arena` empty and uses one of its own.
+struct EncodeState {
+    /// The handles of the encoding in progress; `None` when there is none.
+    handles: RefCell<Option<Vec<Handle>>>,
+    /// Serializer scratch space kept between messages (rkyv's `to_bytes_in` takes its own
+    /// thread-local arena out, shrinks it and puts it back on every call); taken out while in
+    /// use.
+    arena: Cell<Option<Arena>>,
 }
 
-fn collect_handles<R>(f: impl FnOnce() -> R) -> (R, Vec<Handle>) {
-    let prev = ENCODE_HANDLES.with(|h| h.replace(Some(Vec::new())));
-    let r = f();
-    let handles = ENCODE_HANDLES.with(|h| h.replace(prev)).unwrap_or_default();
-    (r, handles)
+/// The most arena capacity a thread keeps after a message: a message that needed more gets
+/// its scratch space from the allocator, and gives it back when done.
+const ARENA_KEEP: usize = 64 * 1024;
+
+thread_local! {
+    static ENCODE: EncodeState = const {
+        EncodeState {
+            handles: RefCell::new(None),
+            arena: Cell::new(None),
+        }
+    };
+    static DECODE_TABLE: RefCell<Option<Vec<Option<Handle>>>> = const { RefCell::new(None) };
+    /// A `LimitedVec` on this thread refused a write for going past its limit (see
+    /// `LimitedVec::overflowed`).
+    static OVERFLOWED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Serializes `value` into `out` with this thread's arena, collecting its handles, and hands
+/// both to `finish` (called in place, so that the writer is not moved around once more).
+#[inline]
+fn encode_with<T: Message, R>(
+    value: &T,
+    out: LimitedVec,
+    finish: impl FnOnce(Result<LimitedVec, rancor::Error>, Vec<Handle>) -> R,
+) -> R {
+    ENCODE.with(|state| {
+        // Empty while an encode is in progress on this thread (this one is nested in it).
+        let mut arena = state.arena.take().unwrap_or_default();
+        let collecting = Collecting {
+            prev: state.handles.replace(Some(Vec::new())),
+            handles: &state.handles,
+        };
+        let result = value.encode_into(out, arena.acquire());
+        let handles = collecting.finish();
+        // One block is left, the largest used; more than `ARENA_KEEP` goes back now. A nested
+        // encode may have put its arena back meanwhile: keeping either is as good.
+        if arena.shrink() <= ARENA_KEEP {
+            state.arena.set(Some(arena));
+        }
+        finish(result, handles)
+    })
+}
+
+/// Puts back the handle list of an enclosing encode (or none), also when serialization
+/// panics.
+struct Collecting<'a> {
+    handles: &'a RefCell<Option<Vec<Handle>>>,
+    prev: Option<Vec<Handle>>,
+}
+
+impl Collecting<'_> {
+    /// The handles collected, the enclosing list back in place.
+    fn finish(mut self) -> Vec<Handle> {
+        let mine = self.handles.replace(self.prev.take());
+        // Nothing is left to drop or to restore (`prev` is `None`).
+        std::mem::forget(self);
+        mine.unwrap_or_default()
+    }
+}
+
+impl Drop for Collecting<'_> {
+    fn drop(&mut self) {
+        // Only reached by unwinding. `push_handle` holds the borrow only while pushing, so it
+        // is free here; the handles collected so far are released once it is given back.
+        let mine = match self.handles.try_borrow_mut() {
+            Ok(mut handles) => std::mem::replace(&mut *handles, self.prev.take()),
+            Err(_) => None,
+        };
+        drop(mine);
+    }
 }
 
 /// Registers a handle with the encoding in progress on this thread; returns its index, or
 /// `None` when the value is being serialized outside libchan (by `rkyv::to_bytes` directly).
 pub(crate) fn push_handle(handle: Handle) -> Option<u32> {
-    ENCODE_HANDLES.with(|h| {
-        let mut h = h.borrow_mut();
+    ENCODE.with(|state| {
+        let mut h = state.handles.borrow_mut();
         let list = h.as_mut()?;
         list.push(handle);
         Some((list.len() - 1) as u32)
@@ -485,6 +589,240 @@ mod tests {
         bad[at + 1] = 0x28;
         assert!(Validated::<Point>::new(Body::Owned(p.bytes)).is_ok());
         assert!(Validated::<Point>::new(Body::Owned(bad)).is_err());
+    }
+
+    #[derive(Archive, Serialize, Deserialize)]
+    struct Inner {
+        a: crate::Sender<u64>,
+        b: crate::Sender<u64>,
+    }
+
+    thread_local! {
+        /// What the nested encode in `NestedEncode` produced.
+        static INNER: RefCell<Option<Packet>> = const { RefCell::new(None) };
+    }
+
+    /// Serializes a `Sender` field after encoding another message that carries handles of its
+    /// own, on the same thread: an encode nested in one in progress.
+    struct NestedEncode;
+
+    impl rkyv::with::ArchiveWith<crate::Sender<u64>> for NestedEncode {
+        type Archived = crate::ArchivedSender<u64>;
+        type Resolver = u32;
+
+        fn resolve_with(field: &crate::Sender<u64>, index: u32, out: rkyv::Place<Self::Archived>) {
+            field.resolve(index, out);
+        }
+    }
+
+    impl<S> rkyv::with::SerializeWith<crate::Sender<u64>, S> for NestedEncode
+    where
+        S: rancor::Fallible + ?Sized,
+        S::Error: rancor::Source,
+    {
+        fn serialize_with(field: &crate::Sender<u64>, s: &mut S) -> Result<u32, S::Error> {
+            let inner = Inner {
+                a: field.clone(),
+                b: field.clone(),
+            };
+            let packet = encode(&inner, 1 << 20, 0).expect("nested encode");
+            INNER.with(|i| *i.borrow_mut() = Some(packet));
+            field.serialize(s)
+        }
+    }
+
+    impl<D> rkyv::with::DeserializeWith<crate::ArchivedSender<u64>, crate::Sender<u64>, D>
+        for NestedEncode
+    where
+        D: rancor::Fallible + ?Sized,
+        D::Error: rancor::Source,
+    {
+        fn deserialize_with(
+            field: &crate::ArchivedSender<u64>,
+            d: &mut D,
+        ) -> Result<crate::Sender<u64>, D::Error> {
+            field.deserialize(d)
+        }
+    }
+
+    #[derive(Archive, Serialize, Deserialize)]
+    struct Outer {
+        before: crate::Sender<u64>,
+        #[rkyv(with = NestedEncode)]
+        nested: crate::Sender<u64>,
+        after: crate::Sender<u64>,
+        names: Vec<String>,
+    }
+
+    #[test]
+    fn nested_encode_keeps_its_handles_apart() {
+        let (tx, _rx) = crate::pipe::<u64>();
+        let outer = Outer {
+            before: tx.clone(),
+            nested: tx.clone(),
+            after: tx.clone(),
+            names: vec!["a".repeat(20); 3],
+        };
+        for _ in 0..2 {
+            let packet = encode(&outer, 1 << 20, 0).unwrap();
+            let inner = INNER
+                .with(|i| i.borrow_mut().take())
+                .expect("nested encode ran");
+            assert_eq!(packet.handles.len(), 3);
+            assert_eq!(inner.handles.len(), 2);
+            let v = Validated::<Outer>::new(Body::Owned(packet.bytes)).unwrap();
+            let a = v.archived();
+            assert_eq!(
+                [a.before.index(), a.nested.index(), a.after.index()],
+                [0, 1, 2]
+            );
+            assert_eq!(a.names.len(), 3);
+            let v = Validated::<Inner>::new(Body::Owned(inner.bytes)).unwrap();
+            assert_eq!([v.archived().a.index(), v.archived().b.index()], [0, 1]);
+        }
+        // In place: refused for its handles, the nested encode still done, nothing left over.
+        let mut slot = Slot([0; 256]);
+        // SAFETY: 256 bytes, 16-byte aligned, named by no reference while `at` is in use.
+        let n = unsafe { encode_in_place(&outer, slot.0.as_mut_ptr(), 256) };
+        assert_eq!(n, None);
+        assert!(INNER.with(|i| i.borrow_mut().take()).is_some());
+        assert!(ENCODE.with(|e| e.handles.borrow().is_none()));
+        // Serializing a handle outside libchan still fails.
+        assert!(rkyv::to_bytes::<rancor::Error>(&outer.before).is_err());
+    }
+
+    /// Fails the encode after its first handle: a `Serialize` impl that panics.
+    struct Panics;
+
+    impl rkyv::with::ArchiveWith<u8> for Panics {
+        type Archived = u8;
+        type Resolver = ();
+
+        fn resolve_with(field: &u8, _: (), out: rkyv::Place<u8>) {
+            field.resolve((), out);
+        }
+    }
+
+    impl<S: rancor::Fallible + ?Sized> rkyv::with::SerializeWith<u8, S> for Panics {
+        fn serialize_with(_: &u8, _: &mut S) -> Result<(), S::Error> {
+            panic!("serialize panics");
+        }
+    }
+
+    impl<D: rancor::Fallible + ?Sized> rkyv::with::DeserializeWith<u8, u8, D> for Panics {
+        fn deserialize_with(field: &u8, _: &mut D) -> Result<u8, D::Error> {
+            Ok(*field)
+        }
+    }
+
+    #[derive(Archive, Serialize, Deserialize)]
+    struct Panicky {
+        tx: crate::Sender<u64>,
+        #[rkyv(with = Panics)]
+        boom: u8,
+    }
+
+    #[test]
+    fn a_panicking_encode_leaves_no_encode_in_progress() {
+        let (tx, _rx) = crate::pipe::<u64>();
+        let m = Panicky {
+            tx: tx.clone(),
+            boom: 1,
+        };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            encode(&m, 1 << 20, 0).map(|_| ())
+        }));
+        assert!(r.is_err());
+        assert!(ENCODE.with(|e| e.handles.borrow().is_none()));
+        assert!(rkyv::to_bytes::<rancor::Error>(&tx).is_err());
+        let packet = encode(&tx, 1 << 20, 0).unwrap();
+        assert_eq!(packet.handles.len(), 1);
+    }
+
+    #[test]
+    fn a_thread_keeps_a_bounded_arena() {
+        // Resolvers of 20,000 strings need more scratch space than a thread keeps.
+        let big: Vec<String> = (0..20_000).map(|i| format!("{i:>20}")).collect();
+        let packet = encode(&big, 1 << 24, 0).unwrap();
+        let v = Validated::<Vec<String>>::new(Body::Owned(packet.bytes)).unwrap();
+        assert_eq!(v.archived()[19_999].trim_start(), "19999");
+        let kept = ENCODE.with(|e| e.arena.take());
+        assert!(
+            kept.is_none(),
+            "an arena that grew past ARENA_KEEP is dropped"
+        );
+        let small = encode(&payload(), 1 << 20, 0).unwrap();
+        assert_eq!(small.bytes.len(), 80);
+        let mut arena = ENCODE
+            .with(|e| e.arena.take())
+            .expect("kept after a small message");
+        assert!(arena.shrink() <= ARENA_KEEP);
+    }
+
+    /// The 64-byte message of the ping-pong stream, for the measurements below.
+    #[derive(Archive, Serialize, Deserialize)]
+    struct Payload {
+        seq: u64,
+        data: Vec<u8>,
+    }
+
+    #[repr(align(16))]
+    struct Slot([u8; 256]);
+
+    /// Iterations for the measurements: `LIBCHAN_MEASURE_N`, 10 million by default. Run one
+    /// under `perf stat -e instructions:u` with N and with 0: the difference over N is the
+    /// instructions per message.
+    fn measure_n() -> u64 {
+        std::env::var("LIBCHAN_MEASURE_N")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(10_000_000)
+    }
+
+    fn payload() -> Payload {
+        Payload {
+            seq: 7,
+            data: vec![0xab; 64],
+        }
+    }
+
+    #[test]
+    #[ignore = "measurement"]
+    fn measure_encode_in_place() {
+        let mut p = payload();
+        let mut slot = Slot([0; 256]);
+        let at = slot.0.as_mut_ptr();
+        for i in 0..measure_n() {
+            p.seq = i;
+            // SAFETY: `at` points to 256 bytes, 16-byte aligned, that no reference names while
+            // `slot` is only used through `at`.
+            let n = unsafe { encode_in_place(std::hint::black_box(&p), at, 256) };
+            std::hint::black_box(n.expect("fits"));
+        }
+    }
+
+    #[test]
+    #[ignore = "measurement"]
+    fn measure_encode() {
+        let mut p = payload();
+        for i in 0..measure_n() {
+            p.seq = i;
+            let packet = encode(std::hint::black_box(&p), 1 << 24, 256).unwrap();
+            std::hint::black_box(&packet.bytes);
+        }
+    }
+
+    #[test]
+    #[ignore = "measurement"]
+    fn measure_validate() {
+        let mut bytes = encode(&payload(), 1 << 24, 0).unwrap().bytes;
+        for _ in 0..measure_n() {
+            let v = Validated::<Payload>::new(Body::Owned(std::hint::black_box(bytes))).unwrap();
+            bytes = match v.bytes {
+                Body::Owned(b) => b,
+                Body::Lent(_) => unreachable!(),
+            };
+        }
     }
 
     #[test]
