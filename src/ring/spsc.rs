@@ -45,8 +45,9 @@
 //! session channel) before it reuses a byte: every record lands on cache lines neither core has
 //! touched for a long time, and on the first lap on pages nobody has touched at all (a page
 //! fault every few dozen small records). Once `tail` is [`HOT_WINDOW`] bytes or more into the
-//! data area, the producer starts the next record at offset 0 (padding out the rest of the lap,
-//! which the consumer skips with one read) whenever the consumer has released enough for it. A
+//! data area, the producer starts the next record (if it is at most [`HOT_MAX_RECORD`] bytes)
+//! at offset 0, padding out the rest of the lap, which the consumer skips with one read,
+//! whenever the consumer has released enough for it. A
 //! channel whose consumer keeps up thus cycles through the same cache-warm lines and pages; one
 //! whose consumer falls behind still gets the whole ring. The producer reloads `head` for this
 //! at most once per [`HOT_RECHECK`] bytes, so a consumer that lags costs a load now and then.
@@ -179,6 +180,11 @@ pub(crate) const HOT_WINDOW: usize = 256 << 10;
 
 /// Bytes the producer writes between two reloads of `head` for a hot-window wrap.
 pub(crate) const HOT_RECHECK: u64 = (HOT_WINDOW / 4) as u64;
+
+/// Largest record (header included) that starts a hot-window wrap. Right after a wrap the
+/// producer has only the lap it wrapped at; a stream of large records would then have one of
+/// them in flight at a time, and large records gain little from warm lines anyway.
+pub(crate) const HOT_MAX_RECORD: usize = HOT_WINDOW / 8;
 
 /// Offset in the region of the *consumer parked* word ([`Consumer::data_word`]), for code that
 /// holds the region but not the consumer.
@@ -554,7 +560,7 @@ impl<R: Memory> Producer<R> {
         let size = record_size(len);
         let off = self.ring.offset(self.tail);
         let cap = self.ring.cap;
-        if off >= HOT_WINDOW {
+        if off >= HOT_WINDOW && size <= HOT_MAX_RECORD {
             // Far enough in: start over at offset 0 if the consumer has released enough (see
             // Hot window), reloading `head` for it at most once per `HOT_RECHECK` bytes.
             let pad = cap - off;
