@@ -35,7 +35,7 @@ use crate::channel::{Entry, Lane, LanePop, PushError, Wait};
 use crate::message::{Bytes, Lender, Lent, Packet};
 use crate::ring::release::{self, Outstanding};
 use crate::ring::shm::ShmRegion;
-use crate::ring::spsc::{region_len, Consumer, Detached, Producer};
+use crate::ring::spsc::{region_len, Consumer, Detached, Grant, Producer};
 use crate::ring::Corrupt;
 use crate::sys::{futex_wait, futex_wake};
 
@@ -91,17 +91,10 @@ impl RingOut {
         stop: &dyn Fn() -> bool,
     ) -> Result<(), RingWriteError> {
         let len = TAG_LEN + bytes.len();
-        self.wait_room(len, wait, stop)?;
-        match self.prod.reserve(len) {
-            Ok(Some(mut grant)) => {
-                grant.write_at(0, &tag_bytes(tag, stamp));
-                grant.write_at(TAG_LEN, bytes);
-                grant.commit();
-            }
-            // Only this producer takes room, and `wait_room` saw enough.
-            Ok(None) => unreachable!("room vanished under the only producer"),
-            Err(c) => return Err(RingWriteError::Corrupt(c)),
-        }
+        let mut grant = self.reserve(len, wait, stop)?;
+        grant.write_at(0, &tag_bytes(tag, stamp));
+        grant.write_at(TAG_LEN, bytes);
+        grant.commit();
         self.wake_consumer();
         Ok(())
     }
@@ -120,23 +113,20 @@ impl RingOut {
         encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
     ) -> Result<bool, RingWriteError> {
         let len = (TAG_LEN + estimate).min(self.prod.max_len());
-        self.wait_room(len, wait, stop)?;
-        let wrote = match self.prod.reserve(len) {
-            Ok(Some(mut grant)) => {
-                grant.write_at(0, &tag_bytes(TAG_MESSAGE, stamp));
-                let cap = grant.len() - TAG_LEN;
-                let at = grant.as_mut_ptr().wrapping_add(TAG_LEN);
-                match encode(at, cap) {
-                    Some(n) if n <= cap => {
-                        grant.commit_len(TAG_LEN + n);
-                        true
-                    }
-                    // Dropped uncommitted: it becomes padding.
-                    _ => false,
-                }
+        let mut grant = self.reserve(len, wait, stop)?;
+        grant.write_at(0, &tag_bytes(TAG_MESSAGE, stamp));
+        let cap = grant.len() - TAG_LEN;
+        let at = grant.as_mut_ptr().wrapping_add(TAG_LEN);
+        let wrote = match encode(at, cap) {
+            Some(n) if n <= cap => {
+                grant.commit_len(TAG_LEN + n);
+                true
             }
-            Ok(None) => unreachable!("room vanished under the only producer"),
-            Err(c) => return Err(RingWriteError::Corrupt(c)),
+            // Dropped uncommitted: it becomes padding.
+            _ => {
+                drop(grant);
+                false
+            }
         };
         if wrote {
             self.wake_consumer();
@@ -154,12 +144,7 @@ impl RingOut {
         stop: &dyn Fn() -> bool,
     ) -> Result<(Detached, *mut u8), RingWriteError> {
         let total = TAG_LEN + len;
-        self.wait_room(total, wait, stop)?;
-        let mut grant = match self.prod.reserve(total) {
-            Ok(Some(grant)) => grant,
-            Ok(None) => unreachable!("room vanished under the only producer"),
-            Err(c) => return Err(RingWriteError::Corrupt(c)),
-        };
+        let mut grant = self.reserve(total, wait, stop)?;
         grant.write_at(0, &tag_bytes(TAG_MESSAGE, stamp));
         let d = grant.detach();
         let at = self.prod.detached_ptr(&d).wrapping_add(TAG_LEN);
@@ -181,6 +166,25 @@ impl RingOut {
     /// The largest archive that fits one record.
     pub(crate) fn max_archive(&self) -> usize {
         self.prod.max_len() - TAG_LEN
+    }
+
+    /// Reserves a record of `len` bytes, waiting for room as `wait` allows. The sender checked
+    /// the channel before it came here; a ring with room takes the record without another look.
+    fn reserve(
+        &mut self,
+        len: usize,
+        wait: Wait,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Grant<'_, ShmRegion>, RingWriteError> {
+        if !self.prod.has_room(len).map_err(RingWriteError::Corrupt)? {
+            self.wait_room(len, wait, stop)?;
+        }
+        match self.prod.reserve(len) {
+            Ok(Some(grant)) => Ok(grant),
+            // Only this producer takes room, and there was enough.
+            Ok(None) => unreachable!("room vanished under the only producer"),
+            Err(c) => Err(RingWriteError::Corrupt(c)),
+        }
     }
 
     /// Waits until a record of `len` bytes fits, as `wait` allows.
@@ -560,12 +564,6 @@ impl Lane for RingIn {
                 }
                 Err(c) => return self.corrupt(st, c),
             };
-            // SAFETY: not copy-out mode, so a trusted same-uid producer (as below).
-            let rings = tag_rings(unsafe { st.cons.bytes(rec) });
-            if self.held_back(rings) {
-                return LanePop::Empty;
-            }
-            st.cons.consume(rec);
             // SAFETY: not copy-out mode, so the producer is a same-uid libchan peer (with
             // `Trust::SameUid` the SHM feature is only negotiated with one), trusted to follow
             // the ring protocol.
@@ -574,10 +572,17 @@ impl Lane for RingIn {
                 .first_chunk::<4>()
                 .map(|t| u32::from_le_bytes(*t))
                 .filter(|_| bytes.len() >= TAG_LEN);
+            let (rings, seq) = (tag_rings(bytes), tag_seq(bytes));
+            // The payload, as a pointer: it stays valid past `consume` (until released).
+            let payload = bytes.as_ptr().wrapping_add(TAG_LEN);
+            if self.held_back(rings) {
+                return LanePop::Empty;
+            }
+            st.cons.consume(rec);
             match tag {
                 Some(TAG_MESSAGE) => {
-                    let ptr = bytes[TAG_LEN..].as_ptr();
-                    let len = bytes.len() - TAG_LEN;
+                    let ptr = payload;
+                    let len = rec.len() - TAG_LEN;
                     st.outstanding.push(rec, false);
                     drop(st);
                     let lender: Arc<dyn Lender> =
@@ -595,7 +600,6 @@ impl Lane for RingIn {
                     });
                 }
                 Some(TAG_ON_SOCKET) => {
-                    let seq = tag_seq(bytes);
                     st.outstanding.push(rec, true);
                     Self::sweep(&mut st);
                     st.on_socket += 1;
