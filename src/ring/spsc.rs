@@ -503,9 +503,28 @@ impl<R: Memory> Producer<R> {
     /// [`Corrupt`] if the consumer's `head` is misaligned or outside `[previous head, tail]`.
     /// Once corrupt, every later call fails the same way.
     pub(crate) fn reserve(&mut self, len: usize) -> Result<Option<Grant<'_, R>>, Corrupt> {
-        let Some((pad, size)) = self.room(len)? else {
-            return Ok(None);
-        };
+        Ok(self.room_for(len)?.map(|room| self.reserve_room(room)))
+    }
+
+    /// The room [`reserve`](Self::reserve)`(len)` would take now, if the ring has it: a caller
+    /// that must wait when it has not can look, wait, look again, then
+    /// [`reserve_room`](Self::reserve_room) without working it out once more.
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve`](Self::reserve).
+    pub(crate) fn room_for(&mut self, len: usize) -> Result<Option<Room>, Corrupt> {
+        Ok(self.room(len)?.map(|(pad, size)| Room { pad, size, len }))
+    }
+
+    /// Reserves the record `room` describes: what [`room_for`](Self::room_for) returned last,
+    /// with no reservation in between (the producer's `tail` must not have moved).
+    pub(crate) fn reserve_room(&mut self, room: Room) -> Grant<'_, R> {
+        let Room { pad, size, len } = room;
+        debug_assert!(
+            self.tail - self.cached_head + (pad + size) as u64 <= self.ring.cap as u64,
+            "a stale room"
+        );
         let off = self.ring.offset(self.tail);
         if pad > 0 {
             // Relaxed: published by the Release store of `tail` below. `pad` is at least 16 (both
@@ -526,11 +545,11 @@ impl<R: Memory> Producer<R> {
         self.ring
             .index(Line::Tail)
             .store(self.tail, Ordering::Release);
-        Ok(Some(Grant {
+        Grant {
             producer: self,
             pos,
             len,
-        }))
+        }
     }
 
     /// Whether [`reserve`](Self::reserve)`(len)` would succeed now: false if the ring is full
@@ -784,6 +803,17 @@ impl<R: Region> Grant<'_, R> {
     }
 }
 
+/// Room for one record in a ring, as [`Producer::room_for`] found it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Room {
+    /// Padding to write before the record (to the end of the lap).
+    pad: usize,
+    /// The record's size, header included.
+    size: usize,
+    /// Its payload length.
+    len: usize,
+}
+
 /// A reservation detached from its producer (see [`Grant::detach`]).
 #[derive(Debug)]
 pub(crate) struct Detached {
@@ -796,6 +826,19 @@ impl Detached {
     /// Payload length in bytes.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// The reservation as plain numbers (position, payload length), for a caller that keeps
+    /// it outside the producer's types; [`from_raw`](Self::from_raw) turns them back.
+    pub(crate) fn into_raw(self) -> (u64, usize) {
+        (self.pos, self.len)
+    }
+
+    /// A reservation from [`into_raw`](Self::into_raw)'s numbers. Numbers that do not come from
+    /// this producer's reservations make it publish a commit word in the wrong place of its
+    /// own ring (the consumer then sees garbage or a corrupt ring), never write outside it.
+    pub(crate) fn from_raw((pos, len): (u64, usize)) -> Self {
+        Self { pos, len }
     }
 }
 

@@ -176,15 +176,18 @@ impl RingOut {
         wait: Wait,
         stop: &dyn Fn() -> bool,
     ) -> Result<Grant<'_, ShmRegion>, RingWriteError> {
-        if !self.prod.has_room(len).map_err(RingWriteError::Corrupt)? {
-            self.wait_room(len, wait, stop)?;
-        }
-        match self.prod.reserve(len) {
-            Ok(Some(grant)) => Ok(grant),
-            // Only this producer takes room, and there was enough.
-            Ok(None) => unreachable!("room vanished under the only producer"),
-            Err(c) => Err(RingWriteError::Corrupt(c)),
-        }
+        let room = match self.prod.room_for(len).map_err(RingWriteError::Corrupt)? {
+            Some(room) => room,
+            None => {
+                self.wait_room(len, wait, stop)?;
+                // Only this producer takes room, and `wait_room` saw enough.
+                self.prod
+                    .room_for(len)
+                    .map_err(RingWriteError::Corrupt)?
+                    .expect("room vanished under the only producer")
+            }
+        };
+        Ok(self.prod.reserve_room(room))
     }
 
     /// Waits until a record of `len` bytes fits, as `wait` allows.
