@@ -36,10 +36,13 @@ pub struct Loan<'a> {
 }
 
 enum Space {
-    /// A ring record of the channel (at least `archive_len(len)` bytes).
-    Slot(Box<dyn LoanSlot>),
+    /// A ring record of the channel (at least `archive_len(len)` bytes), lent by the sender's
+    /// outlet, which keeps it mapped while the loan borrows the sender.
+    Slot(LoanSlot),
     /// A buffer of our own, sent on commit.
     Buffer(Bytes),
+    /// Committed or given back.
+    Done,
 }
 
 /// The archive length of a `Vec<u8>` of `len` bytes: the bytes, padding to 4, then the 8-byte
@@ -87,7 +90,7 @@ impl Sender<Vec<u8>> {
             return Err(Error::Disconnected);
         }
         let space = match &self.core {
-            SendCore::Remote(out) => match out.clone().loan(total, Wait::Forever) {
+            SendCore::Remote(out) => match out.loan(total, Wait::Forever) {
                 Some(Ok(slot)) => Space::Slot(slot),
                 Some(Err(_)) => return Err(Error::Disconnected),
                 None => Space::Buffer(zeroed(len)),
@@ -114,13 +117,15 @@ impl Loan<'_> {
     /// # Errors
     ///
     /// [`Error::Disconnected`] when the receiving side went away.
-    pub fn commit(self) -> Result<(), Error> {
-        match self.space {
-            Space::Slot(mut slot) => {
+    pub fn commit(mut self) -> Result<(), Error> {
+        match std::mem::replace(&mut self.space, Space::Done) {
+            Space::Slot(slot) => {
                 // SAFETY: the slot holds at least `archive_len(len)` writable bytes (it was
                 // reserved that large) that nobody references or reads before the commit.
-                unsafe { write_root(slot.as_mut_ptr(), self.len) };
-                slot.commit(archive_len(self.len));
+                unsafe { write_root(slot.at, self.len) };
+                if let SendCore::Remote(out) = &self.sender.core {
+                    out.commit_loan(slot, archive_len(self.len));
+                }
                 Ok(())
             }
             Space::Buffer(mut bytes) => {
@@ -139,6 +144,18 @@ impl Loan<'_> {
                     }
                 }
             }
+            Space::Done => unreachable!("a loan is committed once"),
+        }
+    }
+}
+
+impl Drop for Loan<'_> {
+    /// A loan dropped uncommitted gives its space back: the receiver skips it.
+    fn drop(&mut self) {
+        if let Space::Slot(slot) = std::mem::replace(&mut self.space, Space::Done) {
+            if let SendCore::Remote(out) = &self.sender.core {
+                out.abandon_loan(slot);
+            }
         }
     }
 }
@@ -149,12 +166,12 @@ impl Deref for Loan<'_> {
     fn deref(&self) -> &[u8] {
         match &self.space {
             Space::Slot(slot) => {
-                let ptr = slot.as_ptr();
                 // SAFETY: the slot's first `len` bytes are writable and readable, unread by the
                 // receiver until commit, and only reachable through this loan.
-                unsafe { std::slice::from_raw_parts(ptr, self.len) }
+                unsafe { std::slice::from_raw_parts(slot.at, self.len) }
             }
             Space::Buffer(b) => &b[..self.len],
+            Space::Done => &[],
         }
     }
 }
@@ -166,9 +183,10 @@ impl DerefMut for Loan<'_> {
             Space::Slot(slot) => {
                 // SAFETY: as in `deref`, and `&mut self` makes this the only reference. The
                 // receiver (a same-uid libchan peer) does not touch an uncommitted record.
-                unsafe { std::slice::from_raw_parts_mut(slot.as_mut_ptr(), len) }
+                unsafe { std::slice::from_raw_parts_mut(slot.at, len) }
             }
             Space::Buffer(b) => &mut b[..len],
+            Space::Done => &mut [],
         }
     }
 }

@@ -8,7 +8,6 @@
 
 use std::any::Any;
 use std::sync::atomic::AtomicU32;
-use std::sync::Arc;
 
 use super::inbox::{Entry, Inbox, PushError, Wait};
 use crate::message::Packet;
@@ -110,14 +109,17 @@ pub(crate) trait Outlet: Send + Sync {
     }
 
     /// Reserves `len` bytes in the transport's buffer (a ring record) for the caller to write
-    /// and then [`LoanSlot::commit`], if this channel has one; `None` otherwise.
-    fn loan(
-        self: Arc<Self>,
-        _len: usize,
-        _wait: Wait,
-    ) -> Option<Result<Box<dyn LoanSlot>, PushError>> {
+    /// and then hand to [`commit_loan`](Self::commit_loan) (or
+    /// [`abandon_loan`](Self::abandon_loan)), if this channel has one; `None` otherwise.
+    fn loan(&self, _len: usize, _wait: Wait) -> Option<Result<LoanSlot, PushError>> {
         None
     }
+
+    /// Publishes the first `n` bytes of a slot from [`loan`](Self::loan) as one message.
+    fn commit_loan(&self, _slot: LoanSlot, _n: usize) {}
+
+    /// Gives a slot from [`loan`](Self::loan) back unsent.
+    fn abandon_loan(&self, _slot: LoanSlot) {}
 
     /// Largest archive the session accepts.
     fn max_message(&self) -> usize;
@@ -129,19 +131,20 @@ pub(crate) trait Outlet: Send + Sync {
     fn as_any(&self) -> &dyn Any;
 }
 
-/// Space reserved in a transport's buffer by [`Outlet::loan`]. Dropping it uncommitted gives
-/// the space back unsent.
-pub(crate) trait LoanSlot: Send {
-    /// Start of the space: 16-byte aligned, valid for writes of [`len`](Self::len) bytes, read
-    /// by nobody until committed.
-    fn as_mut_ptr(&mut self) -> *mut u8;
-
-    /// [`as_mut_ptr`](Self::as_mut_ptr), for reading back what was written.
-    fn as_ptr(&self) -> *const u8;
-
-    /// Publishes the first `n` bytes as one message.
-    fn commit(self: Box<Self>, n: usize);
+/// Space reserved in a transport's buffer by [`Outlet::loan`]: `len` bytes at `at`, 16-byte
+/// aligned, valid for writes and read by nobody until the outlet that lent it commits it. The
+/// holder must hand it back to that outlet ([`Outlet::commit_loan`] or
+/// [`Outlet::abandon_loan`]), which keeps the memory mapped while the holder borrows it.
+pub(crate) struct LoanSlot {
+    pub(crate) at: *mut u8,
+    pub(crate) len: usize,
+    /// Which reservation this is, in the outlet's own terms.
+    pub(crate) key: (u64, usize),
 }
+
+// SAFETY: `at` points at space reserved for this slot alone (see the type); moving the slot to
+// another thread moves that exclusive access with it.
+unsafe impl Send for LoanSlot {}
 
 /// Where the credit of a message received from a session goes back.
 pub(crate) trait CreditSink: Send + Sync {

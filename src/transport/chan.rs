@@ -81,54 +81,6 @@ pub(crate) struct OutChan {
     room_word: AtomicPtr<AtomicU32>,
 }
 
-/// A loan on a channel's ring: a detached reservation, finished on commit or drop.
-struct RingLoan {
-    chan: Arc<OutChan>,
-    reserved: Option<Detached>,
-    at: *mut u8,
-    len: usize,
-}
-
-// SAFETY: `at` points into the ring mapping `chan` keeps alive, at a record reserved for this
-// loan alone; moving the loan to another thread moves that exclusive access with it.
-unsafe impl Send for RingLoan {}
-
-impl RingLoan {
-    fn finish(&mut self, n: Option<usize>) {
-        let Some(reserved) = self.reserved.take() else {
-            return;
-        };
-        let ring = self.chan.ring.lock().unwrap_or_else(|e| e.into_inner());
-        if let RingState::Ready(out) = &*ring {
-            match n {
-                Some(n) => out.commit_loan(reserved, n),
-                None => out.abandon_loan(reserved),
-            }
-        }
-    }
-}
-
-impl LoanSlot for RingLoan {
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.at
-    }
-
-    fn as_ptr(&self) -> *const u8 {
-        self.at
-    }
-
-    fn commit(mut self: Box<Self>, n: usize) {
-        assert!(n <= self.len, "loan commit past its end");
-        self.finish(Some(n));
-    }
-}
-
-impl Drop for RingLoan {
-    fn drop(&mut self) {
-        self.finish(None);
-    }
-}
-
 /// What [`OutChan::send_shm`] did.
 enum ShmSend {
     /// Sent through the ring, or failed.
@@ -288,6 +240,18 @@ impl OutChan {
         RingState::Ready(out)
     }
 
+    /// Commits the first `n` bytes of a slot this channel lent (or, with `None`, gives it back).
+    fn finish_loan(&self, slot: LoanSlot, n: Option<usize>) {
+        let reserved = Detached::from_raw(slot.key);
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if let RingState::Ready(out) = &*ring {
+            match n {
+                Some(n) => out.commit_loan(reserved, n),
+                None => out.abandon_loan(reserved),
+            }
+        }
+    }
+
     /// Waits for `cost` bytes of the peer's credit as `wait` allows.
     fn take_credit(&self, cost: u64, wait: Wait) -> Result<(), PushError> {
         loop {
@@ -380,11 +344,7 @@ impl Outlet for OutChan {
         })?
     }
 
-    fn loan(
-        self: Arc<Self>,
-        len: usize,
-        wait: Wait,
-    ) -> Option<Result<Box<dyn LoanSlot>, PushError>> {
+    fn loan(&self, len: usize, wait: Wait) -> Option<Result<LoanSlot, PushError>> {
         let loaned = self.with_ring(|out| {
             if len > out.max_archive() {
                 return None;
@@ -393,14 +353,22 @@ impl Outlet for OutChan {
             Some(out.loan(self.conn.next_stamp(), len, wait, &stop))
         })??;
         Some(match loaned {
-            Ok((reserved, at)) => Ok(Box::new(RingLoan {
-                chan: self,
-                reserved: Some(reserved),
+            Ok((reserved, at)) => Ok(LoanSlot {
                 at,
                 len,
-            })),
+                key: reserved.into_raw(),
+            }),
             Err(e) => Err(self.ring_error(e)),
         })
+    }
+
+    fn commit_loan(&self, slot: LoanSlot, n: usize) {
+        assert!(n <= slot.len, "loan commit past its end");
+        self.finish_loan(slot, Some(n));
+    }
+
+    fn abandon_loan(&self, slot: LoanSlot) {
+        self.finish_loan(slot, None);
     }
 
     fn max_message(&self) -> usize {

@@ -352,14 +352,23 @@ impl Outlet for DirectOutlet {
         }
     }
 
-    fn loan(
-        self: Arc<Self>,
-        len: usize,
-        wait: Wait,
-    ) -> Option<Result<Box<dyn LoanSlot>, PushError>> {
+    fn loan(&self, len: usize, wait: Wait) -> Option<Result<LoanSlot, PushError>> {
         match self.chan(wait) {
-            Ok(c) => c.clone().loan(len, wait),
+            Ok(c) => c.loan(len, wait),
             Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn commit_loan(&self, slot: LoanSlot, n: usize) {
+        // A slot was lent, so the channel was joined: `chan` is set for good.
+        if let Some(Some(c)) = self.chan.get() {
+            c.commit_loan(slot, n);
+        }
+    }
+
+    fn abandon_loan(&self, slot: LoanSlot) {
+        if let Some(Some(c)) = self.chan.get() {
+            c.abandon_loan(slot);
         }
     }
 
