@@ -18,8 +18,8 @@
 //!   `UnixStream`, `BufReader` + `read_exact`, one `write_all` per message).
 //! * `shm`: libchan with shared memory on (`Options::new()`, the default), over the same
 //!   child-process mechanism as `unix`; both sides check `transport() == Transport::Shm`.
-//!   Messages without handles that fit half a channel's 1 MiB ring go through the ring; larger
-//!   ones go on the socket. Floors: two real processes sharing a memfd mapping, per mode: a
+//!   Messages without handles that fit half a channel's 4 MiB ring go through the ring; larger
+//!   ones travel in a sealed memfd. Floors: two real processes sharing a memfd mapping, per mode: a
 //!   cache-line ping-pong (`rtt`), a futex ping-pong where both sides sleep (`rtt-parked`),
 //!   and an SPSC ring of N-byte records (`stream`, plus single-core memcpy of N bytes for
 //!   N >= 64 KiB, reported beside). See the "Shared-memory floors" section below for exactly
@@ -39,6 +39,11 @@
 //!   The echo side measures that delay of its own with `Instant` each round trip and sends
 //!   the list back at the end; each round trip's own delay is subtracted from its time.
 //!   Reported as "libchan rtt with the receiver asleep (echo delays 200 us; delay subtracted)".
+//!   The futex floor sleeps the same way (the same two busy-waits, the echo's subtracted):
+//!   on a virtual machine, waking a vCPU that has been idle for a while costs more than
+//!   waking one that went idle a moment ago (the hypervisor polls a halted vCPU briefly
+//!   before it deschedules it), so a floor whose sides sleep only for a wake-up would measure
+//!   a cheaper wake-up than the one libchan's side is given.
 //! * `stream`: K messages one way (after W warm-up ones), then one acknowledgement back;
 //!   the clock runs from the first message to the acknowledgement. Reports msgs/s, bytes/s.
 //!
@@ -68,7 +73,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::Ordering::{Acquire, Release};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Arc;
 use std::thread;
@@ -978,7 +983,9 @@ impl TransportKind {
             (TransportKind::Mem, _) => "crossbeam bounded(256), 2 threads",
             (TransportKind::Unix, _) => "raw unix socket, 2 processes",
             (TransportKind::Shm, Mode::Rtt) => "cache-line ping-pong over a memfd, 2 processes",
-            (TransportKind::Shm, Mode::RttParked) => "futex ping-pong over a memfd, 2 processes",
+            (TransportKind::Shm, Mode::RttParked) => {
+                "futex ping-pong over a memfd, 2 processes, sleeping as long as libchan's sides"
+            }
             (TransportKind::Shm, Mode::Stream) => "SPSC ring over a memfd, 2 processes",
             (TransportKind::Tcp, _) => "raw loopback TCP (TCP_NODELAY), 2 processes",
             (TransportKind::Tls, _) => "raw rustls TLS 1.3 over loopback TCP, 2 processes",
@@ -1403,9 +1410,9 @@ fn parent_main(args: &[String]) -> Res<()> {
                  (both sides check session.transport())"
             );
             println!(
-                "note: shm floors: rtt = cache-line ping-pong, parked = futex ping-pong (payload \
-                 one way, parent -> child, read fully); stream = SPSC ring; memcpy = one core \
-                 copying size bytes, same run"
+                "note: shm floors: rtt = cache-line ping-pong, parked = futex ping-pong with \
+                 libchan's echo delays (payload one way, parent -> child, read fully); stream = \
+                 SPSC ring; memcpy = one core copying size bytes, same run"
             );
             if modes.contains(&Mode::RttParked) {
                 println!("note: shm parked libchan = {PARKED_NOTE}");
@@ -1570,6 +1577,9 @@ fn parent_main(args: &[String]) -> Res<()> {
 // * rtt-parked: the same exchange on 32-bit futex words. Each side sleeps in FUTEX_WAIT
 //   (shared, not PRIVATE: the waiters are in two processes) until its word changes, and the
 //   writer calls FUTEX_WAKE after every store: each round trip pays two cross-core wake-ups.
+//   Like libchan's parked run, the parent busy-waits PARKED_DELAY before each round trip
+//   (untimed) and the child busy-waits PARKED_DELAY before echoing; the child stores the
+//   delay it measured in the delay word before the echo, and the parent subtracts it.
 // * stream: an SPSC ring of N-byte records (stride N rounded up to 64 B; 256 records, fewer
 //   when that exceeds 2 MiB, at least 2). The parent fills a record and publishes the write
 //   index; the child reads and sums the record and publishes the read index; each side
@@ -1586,6 +1596,8 @@ const PARKED_NOTE: &str =
 const SHM_PING: usize = 0;
 /// Offset of the word the child writes.
 const SHM_PONG: usize = 128;
+/// Offset of the word where the rtt-parked child leaves the delay it waited (ns).
+const SHM_DELAY: usize = 256;
 /// Offset of the payload / ring records.
 const SHM_DATA: usize = 4096;
 /// Stream ring: at most this many records...
@@ -1858,13 +1870,18 @@ fn shm_drive(map: &ShmMap, layout: ShmLayout, run: &Run, w: &mut Watch) -> Res<M
             let (ping, pong) = (map.word32(SHM_PING), map.word32(SHM_PONG));
             for i in 0..total {
                 let seq = i as u32 + 1;
+                // As in libchan's parked run: the child has slept this long when pinged.
+                busy_wait(PARKED_DELAY);
                 let t0 = Instant::now();
                 // SAFETY: as for rtt.
                 unsafe { map.fill(0, size, seq as u8) };
                 ping.store(seq, Release);
                 futex_wake(ping)?;
                 let got = w.park_while(pong, seq - 1)?;
-                progress(i, t0.elapsed());
+                let rtt = t0.elapsed();
+                // Stored before the echo, which `park_while` acquired.
+                let delay = Duration::from_nanos(map.word(SHM_DELAY).load(Relaxed));
+                progress(i, rtt.saturating_sub(delay));
                 if got != seq {
                     return Err(format!("child echoed {got}, expected {seq}").into());
                 }
@@ -1964,6 +1981,9 @@ fn shm_child(fd: RawFd, mode: Mode, size: usize, total: usize, yield_cpu: bool) 
                 }
                 // SAFETY: as for rtt.
                 touch_check(u64::from(seq), unsafe { map.bytes(0, size) })?;
+                // As in libchan's parked run: the parent sleeps this long before the echo.
+                let waited = busy_wait(PARKED_DELAY);
+                map.word(SHM_DELAY).store(waited.as_nanos() as u64, Relaxed);
                 pong.store(seq, Release);
                 futex_wake(pong)?;
                 last = seq;
