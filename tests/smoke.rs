@@ -243,3 +243,36 @@ fn local_send_wakes_a_receiver_reading_a_session() {
         );
     }
 }
+
+/// A sender sizes its in-place writes by the messages before it: after a run of one size it
+/// reserves exactly that size, so a larger message must still go through (encoded aside
+/// once), and smaller and larger ones after it too, in order.
+#[test]
+fn message_sizes_that_change_after_a_steady_run() {
+    fn check(tx: Sender<Vec<u8>>, rx: Receiver<Vec<u8>>) {
+        let sizes: Vec<usize> = [vec![64; 20], vec![65, 64, 3000, 64, 64, 1, 0, 64, 4096]].concat();
+        let t = std::thread::spawn(move || {
+            for (i, &n) in sizes.iter().enumerate() {
+                tx.send(vec![i as u8; n]).unwrap();
+            }
+            sizes
+        });
+        let mut got = Vec::new();
+        while let Ok(m) = rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            got.push(m.to_vec());
+        }
+        let sizes = t.join().unwrap();
+        assert_eq!(got.len(), sizes.len());
+        for (i, (m, &n)) in got.iter().zip(&sizes).enumerate() {
+            assert_eq!(m.len(), n, "message {i}");
+            assert!(m.iter().all(|&b| b == i as u8), "message {i}");
+        }
+    }
+    let (tx, rx) = pipe::<Vec<u8>>();
+    check(tx, rx);
+    let (a, b) = Session::pair().unwrap();
+    assert_eq!(a.transport(), Transport::Shm);
+    let tx = a.open_channel::<Vec<u8>>().unwrap();
+    let rx = b.accept_channel::<Vec<u8>>().unwrap();
+    check(tx, rx);
+}

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rkyv::rancor::{Fallible, Source};
@@ -31,6 +31,8 @@ pub struct Sender<T> {
     /// Size of the last archive written in place (see `send_in_place`); `NO_IN_PLACE` once a
     /// message turned out to carry handles, which cannot be written in place.
     slot_hint: AtomicUsize,
+    /// The last two archives written in place had the same size (see `send_in_place`).
+    slot_same: AtomicBool,
     _t: PhantomData<fn(T)>,
 }
 
@@ -49,6 +51,7 @@ impl<T: Message> Sender<T> {
             core,
             size_hint: AtomicUsize::new(MIN_BUFFER),
             slot_hint: AtomicUsize::new(0),
+            slot_same: AtomicBool::new(false),
             _t: PhantomData,
         }
     }
@@ -149,6 +152,7 @@ impl<T: Message> Sender<T> {
                 NO_IN_PLACE
             };
             self.slot_hint.store(next, Ordering::Relaxed);
+            self.slot_same.store(false, Ordering::Relaxed);
         }
         if let Err(e) = self.core.check_handles(&packet) {
             return Err((msg, Some(e)));
@@ -174,8 +178,15 @@ impl<T: Message> Sender<T> {
         }
         // Room for the last size and an eighth more (every byte reserved is a byte the
         // receiver's cache must fetch); a message that outgrows it is encoded into a buffer
-        // once, and its size becomes the next estimate.
-        let estimate = (last + last / 8).next_multiple_of(16).max(64);
+        // once, and its size becomes the next estimate. When the last two were the same size,
+        // just that: the record then ends where the archive does, with no padding record
+        // behind it for the receiver to skip.
+        let slack = if self.slot_same.load(Ordering::Relaxed) {
+            0
+        } else {
+            last / 8
+        };
+        let estimate = (last + slack).next_multiple_of(16).max(64);
         let mut wrote = 0;
         let sent = self.core.send_in_place(estimate, wait, &mut |at, cap| {
             // SAFETY: the transport hands out `at..at + cap` as an unpublished, 16-byte aligned
@@ -185,6 +196,7 @@ impl<T: Message> Sender<T> {
             Some(n)
         });
         if matches!(sent, Some(Ok(()))) {
+            self.slot_same.store(wrote == last, Ordering::Relaxed);
             self.slot_hint.store(wrote, Ordering::Relaxed);
         }
         sent
@@ -197,6 +209,7 @@ impl<T> Clone for Sender<T> {
             core: self.core.clone(),
             size_hint: AtomicUsize::new(self.size_hint.load(Ordering::Relaxed)),
             slot_hint: AtomicUsize::new(self.slot_hint.load(Ordering::Relaxed)),
+            slot_same: AtomicBool::new(self.slot_same.load(Ordering::Relaxed)),
             _t: PhantomData,
         }
     }
