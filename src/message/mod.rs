@@ -150,15 +150,15 @@ pub(crate) fn encode<T: Message>(
             size: out.vec.len(),
             limit,
         }),
+        // Every refused write sets `OVERFLOWED`, in debug and release builds alike.
         Err(e) => {
-            let text = e.to_string();
-            if OVERFLOWED.replace(false) || text.contains(OVERFLOW) {
+            if OVERFLOWED.replace(false) {
                 Err(Error::TooLarge {
                     size: limit + 1,
                     limit,
                 })
             } else {
-                Err(Error::Encode(text))
+                Err(Error::Encode(e.to_string()))
             }
         }
     })
