@@ -187,6 +187,9 @@ fn parse_body(header: &frame::Header, body: &[u8]) {
         Kind::Blob => {
             let _ = frame::parse_blob(body);
         }
+        Kind::Offer => {
+            let _ = frame::parse_offer(body);
+        }
         Kind::Intro => {
             let _ = frame::parse_intro(body);
         }

@@ -330,8 +330,8 @@ fn frame_over_max_frame_is_rejected_from_its_header() {
 
 #[test]
 fn unknown_frame_kind_closes_the_session() {
-    hostile_case(&[PROTOCOL_ERROR], "unknown frame kind 11", |raw| {
-        raw.write_all(&frame(11, 0, 0, 0, &[])).unwrap();
+    hostile_case(&[PROTOCOL_ERROR], "unknown frame kind 14", |raw| {
+        raw.write_all(&frame(14, 0, 0, 0, &[])).unwrap();
     });
 }
 

@@ -387,6 +387,7 @@ mod tests {
             kind: HandleKind::Receiver,
             chan: 3,
             fingerprint: 5,
+            offer: 0,
         }];
         encode_data(&mut out, 1, &handles, 3, 0);
         out.extend_from_slice(b"abc");

@@ -58,6 +58,10 @@ pub(crate) enum Kind {
     /// Shared-memory sessions only: `chan`'s next message is the archive in the one sealed
     /// memfd this frame carries; body: `u64` archive length.
     Blob = 10,
+    /// Shared-memory sessions only: the writer offers a ring, the one memfd this frame carries,
+    /// for a channel its peer will hand it a sender of (a SENDER_RING descriptor); `arg` is the
+    /// offer's id (nonzero), body: `u64` ring capacity in bytes. Names no channel.
+    Offer = 11,
     /// Shared-memory sessions only, written by the sender of `chan`: the process at the other
     /// end of the one socket this frame carries will feed `chan` too, over a session of its own
     /// (a *direct path*); `arg` is the introduction's token, body: `u64` type fingerprint.
@@ -81,6 +85,7 @@ impl Kind {
             8 => Self::GoAway,
             9 => Self::Ring,
             10 => Self::Blob,
+            11 => Self::Offer,
             12 => Self::Intro,
             13 => Self::Join,
             _ => return None,
@@ -89,7 +94,7 @@ impl Kind {
 
     /// Whether frames of this kind name a channel (nonzero `chan`) rather than the session.
     pub(crate) fn is_channel_frame(self) -> bool {
-        !matches!(self, Self::Ping | Self::Pong | Self::GoAway)
+        !matches!(self, Self::Ping | Self::Pong | Self::GoAway | Self::Offer)
     }
 }
 
@@ -164,6 +169,7 @@ impl Header {
             | Kind::Pong
             | Kind::Ring
             | Kind::Blob
+            | Kind::Offer
             | Kind::Intro
             | Kind::Join => len == 8,
             Kind::Close | Kind::Credit => len == 0,
@@ -187,6 +193,23 @@ impl Header {
                     nfds,
                     handles: arg as u16,
                 });
+            }
+            return Ok(Self {
+                len,
+                kind,
+                flags,
+                nfds,
+                chan,
+                arg,
+            });
+        }
+        if kind == Kind::Offer {
+            // Exactly the memfd; `arg` is the offer's id.
+            if nfds != 1 {
+                return Err(DecodeError::FdCountMismatch { nfds, handles: 1 });
+            }
+            if arg == 0 {
+                return Err(DecodeError::BadOffer);
             }
             return Ok(Self {
                 len,
@@ -261,6 +284,9 @@ pub(crate) enum HandleKind {
     /// end of a socket pair whose bytes travel on two new channels, `chan` (writer to reader)
     /// and the one [`HandleDesc::pumped`] names (reader to writer). Consumes no fd.
     Pumped = 7,
+    /// As SENDER, and the reader sends on `chan` through the ring it offered (an OFFER frame)
+    /// under the id in the descriptor's `offer` field, instead of announcing a ring of its own.
+    SenderRing = 8,
 }
 
 impl HandleKind {
@@ -274,6 +300,7 @@ impl HandleKind {
             5 => Self::SenderLocal,
             6 => Self::SenderDirect,
             7 => Self::Pumped,
+            8 => Self::SenderRing,
             _ => return None,
         })
     }
@@ -287,7 +314,7 @@ impl HandleKind {
     fn names_channel(self) -> bool {
         matches!(
             self,
-            Self::Sender | Self::Receiver | Self::SenderLocal | Self::Pumped
+            Self::Sender | Self::Receiver | Self::SenderLocal | Self::Pumped | Self::SenderRing
         )
     }
 }
@@ -295,7 +322,7 @@ impl HandleKind {
 /// One 16-byte handle descriptor from a DATA body.
 ///
 /// ```text
-/// let d = HandleDesc { kind: HandleKind::Receiver, chan: 5, fingerprint: 7 };
+/// let d = HandleDesc { kind: HandleKind::Receiver, chan: 5, fingerprint: 7, offer: 0 };
 /// assert_eq!(HandleDesc::parse(&d.encode(), 0), Ok(d));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,6 +334,9 @@ pub(crate) struct HandleDesc {
     /// The channel's type fingerprint (0 for FD and STREAM). For PUMPED, bytes `[8..16]` of the
     /// descriptor hold other fields instead: see [`HandleDesc::pumped`].
     pub(crate) fingerprint: u64,
+    /// SENDER_RING only: the id of the reader's ring offer the channel takes (nonzero, below
+    /// 2^24, in bytes `[1..4]`); 0 for every other kind.
+    pub(crate) offer: u32,
 }
 
 /// What the reader of a PUMPED descriptor gets: the handle kind the writer's fd had.
@@ -336,6 +366,7 @@ impl HandleDesc {
             kind: HandleKind::Fd,
             chan: 0,
             fingerprint: 0,
+            offer: 0,
         }
     }
 
@@ -351,6 +382,7 @@ impl HandleDesc {
             kind: HandleKind::Pumped,
             chan: p.to_reader,
             fingerprint: u64::from(p.to_writer) | kind << 32,
+            offer: 0,
         }
     }
 
@@ -380,6 +412,7 @@ impl HandleDesc {
     pub(crate) fn encode(&self) -> [u8; HANDLE_LEN] {
         let mut out = [0; HANDLE_LEN];
         out[0] = self.kind as u8;
+        out[1..4].copy_from_slice(&self.offer.to_le_bytes()[..3]);
         out[4..8].copy_from_slice(&self.chan.to_le_bytes());
         out[8..16].copy_from_slice(&self.fingerprint.to_le_bytes());
         out
@@ -390,7 +423,8 @@ impl HandleDesc {
     /// # Errors
     ///
     /// [`DecodeError::BadHandle`] for an unknown kind, nonzero reserved bytes, a channel or
-    /// fingerprint on FD/STREAM, channel 0 on SENDER/RECEIVER/SENDER_LOCAL, or a PUMPED
+    /// fingerprint on FD/STREAM, channel 0 on SENDER/RECEIVER/SENDER_LOCAL/SENDER_RING, an
+    /// offer id of 0 on SENDER_RING or anything but 0 elsewhere, or a PUMPED
     /// descriptor whose fields break [`HandleDesc::pumped`]'s rules.
     pub(crate) fn parse(bytes: &[u8], index: u16) -> Result<Self, DecodeError> {
         let bad = |what| DecodeError::BadHandle { index, what };
@@ -400,8 +434,11 @@ impl HandleDesc {
         let chan = r.u32("handle channel")?;
         let fingerprint = r.u64("handle fingerprint")?;
         let kind = HandleKind::from_u8(kind).ok_or(bad("unknown handle kind"))?;
-        if reserved != [0; 3] {
-            return Err(bad("reserved bytes are not zero"));
+        let offer = u32::from_le_bytes([reserved[0], reserved[1], reserved[2], 0]);
+        if (offer != 0) != (kind == HandleKind::SenderRing) {
+            return Err(bad(
+                "offer id must be nonzero on SENDER_RING and reserved bytes zero elsewhere",
+            ));
         }
         if matches!(kind, HandleKind::Fd | HandleKind::Stream) && (chan != 0 || fingerprint != 0) {
             return Err(bad("fd handle names a channel"));
@@ -413,6 +450,7 @@ impl HandleDesc {
             kind,
             chan,
             fingerprint,
+            offer,
         };
         if kind == HandleKind::Pumped && desc.as_pumped().is_none() {
             return Err(bad(
@@ -673,6 +711,24 @@ pub(crate) fn encode_ring(out: &mut Vec<u8>, chan: u32, capacity: u64) {
     out.extend_from_slice(&capacity.to_le_bytes());
 }
 
+/// Appends an OFFER frame: offer `id` of a ring of `capacity` data bytes (the memfd goes with
+/// the write, as its one fd).
+pub(crate) fn encode_offer(out: &mut Vec<u8>, id: u32, capacity: u64) {
+    let mut h = Header::new(Kind::Offer, 0, id, 8);
+    h.nfds = 1;
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&capacity.to_le_bytes());
+}
+
+/// The ring capacity in an OFFER body.
+///
+/// # Errors
+///
+/// [`DecodeError::BadBodyLength`] unless the body is exactly 8 bytes.
+pub(crate) fn parse_offer(body: &[u8]) -> Result<u64, DecodeError> {
+    exact_u64(Kind::Offer, body)
+}
+
 /// Appends a BLOB frame for `chan`: its next message is the `len`-byte archive in the sealed
 /// memfd that goes with the write, as its one fd.
 pub(crate) fn encode_blob(out: &mut Vec<u8>, chan: u32, len: u64) {
@@ -917,21 +973,25 @@ mod tests {
                 kind: HandleKind::Sender,
                 chan: 3,
                 fingerprint: 11,
+                offer: 0,
             },
             HandleDesc {
                 kind: HandleKind::Stream,
                 chan: 0,
                 fingerprint: 0,
+                offer: 0,
             },
             HandleDesc {
                 kind: HandleKind::Receiver,
                 chan: 5,
                 fingerprint: 12,
+                offer: 0,
             },
             HandleDesc {
                 kind: HandleKind::SenderLocal,
                 chan: 2,
                 fingerprint: 13,
+                offer: 0,
             },
         ];
         let mut out = Vec::new();
@@ -960,8 +1020,8 @@ mod tests {
         let mut bytes = Header::new(Kind::Open, 1, 0, 8).encode();
         bytes[4] = 0;
         assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(0)));
-        bytes[4] = 11;
-        assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(11)));
+        bytes[4] = 14;
+        assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(14)));
 
         for (kind, len) in [
             (Kind::Open, 7),
@@ -1042,17 +1102,32 @@ mod tests {
         let bad = |what| Err(DecodeError::BadHandle { index: 0, what });
 
         let mut d = HandleDesc::fd().encode();
-        d[0] = 8;
+        d[0] = 9;
         assert_eq!(
             parse_data(&header(1, 0), &d).map(|_| ()),
             bad("unknown handle kind")
         );
+        let offer_rule =
+            bad("offer id must be nonzero on SENDER_RING and reserved bytes zero elsewhere");
         let mut d = HandleDesc::fd().encode();
         d[2] = 1;
-        assert_eq!(
-            parse_data(&header(1, 1), &d).map(|_| ()),
-            bad("reserved bytes are not zero")
-        );
+        assert_eq!(parse_data(&header(1, 1), &d).map(|_| ()), offer_rule);
+        // SENDER_RING needs an offer id; only it may carry one.
+        let ring = HandleDesc {
+            kind: HandleKind::SenderRing,
+            chan: 3,
+            fingerprint: 9,
+            offer: 0x00ab_cdef,
+        };
+        let bytes = ring.encode();
+        let (mut descs, _) = parse_data(&header(1, 0), &bytes).unwrap();
+        assert_eq!(descs.next(), Some(ring));
+        let mut d = ring.encode();
+        d[1..4].fill(0);
+        assert_eq!(parse_data(&header(1, 0), &d).map(|_| ()), offer_rule);
+        let mut d = ring.encode();
+        d[0] = HandleKind::Sender as u8;
+        assert_eq!(parse_data(&header(1, 0), &d).map(|_| ()), offer_rule);
         let mut d = HandleDesc::fd().encode();
         d[4] = 1;
         assert_eq!(
@@ -1069,6 +1144,7 @@ mod tests {
             kind: HandleKind::Receiver,
             chan: 0,
             fingerprint: 1,
+            offer: 0,
         }
         .encode();
         assert_eq!(
@@ -1089,6 +1165,7 @@ mod tests {
             kind: HandleKind::Sender,
             chan: 3,
             fingerprint: 0,
+            offer: 0,
         }
         .encode();
         assert_eq!(
@@ -1158,11 +1235,46 @@ mod tests {
     }
 
     #[test]
+    fn offer_round_trips_and_names_no_channel() {
+        let mut buf = Vec::new();
+        encode_offer(&mut buf, 0x00ff_fffe, 4 << 20);
+        let (h, body) = split(&buf);
+        assert_eq!(
+            (h.kind, h.chan, h.arg, h.nfds),
+            (Kind::Offer, 0, 0x00ff_fffe, 1)
+        );
+        assert_eq!(parse_offer(body), Ok(4 << 20));
+        assert_eq!(buf[4], 11);
+
+        // Exactly its memfd, a nonzero id, no channel, an 8-byte body.
+        let parse = |h: Header| Header::parse(&h.encode());
+        let mut h = Header::new(Kind::Offer, 0, 1, 8);
+        assert_eq!(
+            parse(h),
+            Err(DecodeError::FdCountMismatch {
+                nfds: 0,
+                handles: 1
+            })
+        );
+        h.nfds = 1;
+        assert!(parse(h).is_ok());
+        h.arg = 0;
+        assert_eq!(parse(h), Err(DecodeError::BadOffer));
+        h.arg = 1;
+        h.chan = 2;
+        assert!(matches!(parse(h), Err(DecodeError::BadChannel { .. })));
+        h.chan = 0;
+        h.len = 16;
+        assert!(matches!(parse(h), Err(DecodeError::BadBodyLength { .. })));
+    }
+
+    #[test]
     fn sender_direct_descriptor_takes_an_fd_and_names_a_type() {
         let d = HandleDesc {
             kind: HandleKind::SenderDirect,
             chan: 5,
             fingerprint: 99,
+            offer: 0,
         };
         let bytes = d.encode();
         assert_eq!(bytes[0], 6);

@@ -79,6 +79,8 @@ pub(crate) struct OutChan {
     /// The ring's "producer parked" word, for waking a sender when the channel ends. Points
     /// into the mapping `ring` owns, which lives as long as `self`.
     room_word: AtomicPtr<AtomicU32>,
+    /// The ring is one this side offered (see `conn::offer`) and nothing was sent on it yet.
+    fresh_offer: AtomicBool,
 }
 
 /// What [`OutChan::send_shm`] did.
@@ -110,6 +112,24 @@ impl OutChan {
             waiters: Mutex::new(Vec::new()),
             ring: Mutex::new(RingState::Unset),
             room_word: AtomicPtr::new(std::ptr::null_mut()),
+            fresh_offer: AtomicBool::new(false),
+        })
+    }
+
+    /// A channel whose ring is `ring`, one this side offered and the peer bound to channel `id`
+    /// (a SENDER_RING descriptor): no RING frame announces it.
+    pub(crate) fn on_offer(conn: Arc<Conn>, id: u32, ring: RingOut) -> Arc<Self> {
+        let word: *const AtomicU32 = ring.room_word();
+        let credit = SendCredit::new(conn.limits.peer_window);
+        Arc::new(Self {
+            conn,
+            id,
+            credit: Mutex::new(credit),
+            reset: AtomicBool::new(false),
+            waiters: Mutex::new(Vec::new()),
+            ring: Mutex::new(RingState::Ready(ring)),
+            room_word: AtomicPtr::new(word.cast_mut()),
+            fresh_offer: AtomicBool::new(true),
         })
     }
 
@@ -209,7 +229,14 @@ impl OutChan {
             *ring = self.make_ring();
         }
         match &mut *ring {
-            RingState::Ready(out) => Some(f(out)),
+            RingState::Ready(out) => {
+                if self.fresh_offer.load(Ordering::Relaxed) {
+                    self.fresh_offer.store(false, Ordering::Relaxed);
+                    // One offer to make anew (the ring's lock makes this happen once).
+                    self.conn.offer_used();
+                }
+                Some(f(out))
+            }
             _ => None,
         }
     }

@@ -25,13 +25,20 @@ use crate::ring::spsc::region_len;
 use super::{Conn, Table};
 
 /// Why the peer's input was refused: a broken rule, or an exceeded limit (GOAWAY reason 2).
+#[derive(Debug)]
 pub(super) struct Violation {
     limits: bool,
     text: String,
 }
 
 impl Violation {
-    fn limit(text: impl Into<String>) -> Self {
+    /// What the peer did wrong.
+    #[cfg(test)]
+    pub(super) fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub(super) fn limit(text: impl Into<String>) -> Self {
         Self {
             limits: true,
             text: text.into(),
@@ -111,6 +118,7 @@ impl Conn {
             }
             Kind::Ring => self.dispatch_ring(header.chan, body, fds),
             Kind::Blob => self.dispatch_blob(header.chan, body, fds),
+            Kind::Offer => self.dispatch_offer(header.arg, body, fds),
             Kind::Intro => self.dispatch_intro(header.chan, header.arg, body, fds),
             Kind::Join => self.dispatch_join(header.chan, header.arg, body),
             Kind::Reset => {
@@ -173,6 +181,9 @@ impl Conn {
             c.handle_data(cost).map_err(Violation::limit)?;
             Some(c)
         };
+        let gets_senders = descs
+            .clone()
+            .any(|d| matches!(d.kind, HandleKind::Sender | HandleKind::SenderRing));
         let mut fds = fds.into_iter();
         let mut handles = Vec::with_capacity(descs.len());
         let mut pumps = Vec::new();
@@ -219,6 +230,11 @@ impl Conn {
         for p in pumps {
             p.start();
         }
+        if gets_senders {
+            // The peer hands us senders: offer rings for the next ones (after the delivery,
+            // which they must not delay).
+            this.top_up_offers(true);
+        }
         Ok(())
     }
 
@@ -239,6 +255,13 @@ impl Conn {
             HandleKind::Sender => {
                 self.check_new_peer_id(t, d.chan)?;
                 let o = OutChan::new(this.clone(), d.chan);
+                t.outbound.insert(d.chan, Arc::downgrade(&o));
+                Handle::Sender(SendCore::Remote(o), d.fingerprint)
+            }
+            HandleKind::SenderRing => {
+                self.check_new_peer_id(t, d.chan)?;
+                let ring = self.take_offer(d.offer)?;
+                let o = OutChan::on_offer(this.clone(), d.chan, ring);
                 t.outbound.insert(d.chan, Arc::downgrade(&o));
                 Handle::Sender(SendCore::Remote(o), d.fingerprint)
             }

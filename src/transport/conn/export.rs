@@ -116,6 +116,7 @@ impl Conn {
         let mut ids = ids.into_iter();
         let mut id = move || ids.next().expect("ids_needed counted every id taken below");
         let mut proxies = Vec::new();
+        let mut lanes = Vec::new();
         for h in handles {
             let h = match h {
                 Outgoing::Handle(h) => h,
@@ -129,6 +130,7 @@ impl Conn {
                         kind: HandleKind::SenderDirect,
                         chan: token,
                         fingerprint,
+                        offer: 0,
                     });
                     continue;
                 }
@@ -156,6 +158,7 @@ impl Conn {
                         kind: HandleKind::Stream,
                         chan: 0,
                         fingerprint: 0,
+                        offer: 0,
                     }
                 }
                 Handle::Sender(_, fp) if back_to_peer.is_some() => {
@@ -164,6 +167,7 @@ impl Conn {
                         kind: HandleKind::SenderLocal,
                         chan: back_to_peer.unwrap_or_default(),
                         fingerprint: fp,
+                        offer: 0,
                     }
                 }
                 Handle::Sender(core, fp) => {
@@ -179,17 +183,31 @@ impl Conn {
                             inbox
                         }
                     };
+                    let mut offer = 0;
                     if inbox.add_feed(self.clone()) {
                         let c = InChan::new(self, id, inbox);
+                        // A ring the peer offered becomes the channel's: the peer's first
+                        // message on it needs no RING frame, and the lane is read from now.
+                        if let Some((offered, ring)) = self.bind_offer() {
+                            if c.ring.set(ring.clone()).is_ok() {
+                                lanes.push((c.inbox.clone(), ring));
+                                offer = offered;
+                            }
+                        }
                         t.inbound.insert(id, c);
                     } else {
                         t.reset_inbound.insert(id);
                         out.resets.push(id);
                     }
                     HandleDesc {
-                        kind: HandleKind::Sender,
+                        kind: if offer == 0 {
+                            HandleKind::Sender
+                        } else {
+                            HandleKind::SenderRing
+                        },
                         chan: id,
                         fingerprint: fp,
+                        offer,
                     }
                 }
                 Handle::Receiver(core, fp) => {
@@ -205,12 +223,17 @@ impl Conn {
                         kind: HandleKind::Receiver,
                         chan: id,
                         fingerprint: fp,
+                        offer: 0,
                     }
                 }
             };
             out.descs.push(desc);
         }
         drop(t);
+        // Before the frame naming them is written: the peer may send on them at once.
+        for (inbox, ring) in lanes {
+            inbox.add_lane(ring);
+        }
         out.relays = proxies;
         Ok(out)
     }

@@ -17,6 +17,7 @@
 
 mod dispatch;
 mod export;
+mod offer;
 mod write;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -77,6 +78,10 @@ pub(crate) struct Conn {
     rings_sent: AtomicU32,
     /// RING frames dispatched from the peer.
     rings_seen: Arc<AtomicU32>,
+    /// Rings this side offered the peer, not yet bound to a channel (see `offer`).
+    offers_out: Mutex<offer::OffersOut>,
+    /// The peer's ring offers, mapped, for the next `Sender` we hand over (see `offer`).
+    offers_in: Mutex<offer::OffersIn>,
     /// Rings holding back a record until more RING frames are dispatched.
     ring_waiters: Mutex<Vec<std::sync::Weak<super::shm::RingIn>>>,
     /// Pumped streams running on this session (`pump`, bounded by `pump::MAX_PER_SESSION`).
@@ -255,6 +260,8 @@ impl Conn {
             send_seq: std::sync::atomic::AtomicU64::new(0),
             rings_sent: AtomicU32::new(0),
             rings_seen: Arc::new(AtomicU32::new(0)),
+            offers_out: Mutex::new(offer::OffersOut::default()),
+            offers_in: Mutex::new(offer::OffersIn::new()),
             ring_waiters: Mutex::new(Vec::new()),
             pumps: AtomicU32::new(0),
             keepalive,
@@ -635,6 +642,7 @@ impl Conn {
         for o in outbound {
             o.wake();
         }
+        self.drop_offers();
         waiters.into_iter().for_each(|t| t.unpark());
         self.wake_seat_waiters();
     }
@@ -808,6 +816,8 @@ fn spawn_control_reader(conn: &Arc<Conn>) -> Result<(), Error> {
                 if conn.is_dead() {
                     return;
                 }
+                // Offers the socket did not take when they were due (see `offer`).
+                conn.top_up_offers(false);
                 let until = Wait::Until(Instant::now() + CONTROL_POLL);
                 conn.drive(until, &|| false);
             }

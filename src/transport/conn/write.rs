@@ -121,6 +121,45 @@ impl Conn {
         }
     }
 
+    /// Writes `frame` with `fd` attached to its first byte if that can be done without waiting:
+    /// the writer seat is free, no control frame is queued, and the socket takes the first
+    /// byte at once. Returns false, having written nothing, otherwise. For the session's own
+    /// thread, which must never wait on the socket (the peer's may be waiting on ours).
+    ///
+    /// If the socket takes only part of the frame, the rest goes to the head of the (empty)
+    /// control queue, which is written before anything else.
+    pub(super) fn try_write_now(&self, frame: &[u8], fd: BorrowedFd<'_>) -> bool {
+        if self.cannot_send() {
+            return false;
+        }
+        let Ok(guard) = self.writer.try_lock() else {
+            return false;
+        };
+        if self.flush_control(false).is_err() || !self.control_is_empty() {
+            return false;
+        }
+        let written = loop {
+            match self.link.send(&[IoSlice::new(frame)], &[fd]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    self.write_failed(&e);
+                    return false;
+                }
+            }
+        };
+        if written < frame.len() {
+            self.control
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&frame[written..]);
+        }
+        drop(guard);
+        self.try_flush_control();
+        true
+    }
+
     /// Queues a control frame and writes it now if the writer is free.
     pub(crate) fn send_control(&self, bytes: &[u8]) {
         if self.cannot_send() {
