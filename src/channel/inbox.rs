@@ -639,11 +639,10 @@ impl Inbox {
                 // burning a core others could use, and one in a conversation keeps catching
                 // replies without a sleep.
                 let budget = self.spin_us.load(Ordering::Relaxed);
-                let caught = spin_for(Duration::from_micros(u64::from(budget)), ready);
-                let next = if caught {
-                    (budget + budget / 2 + 1).min(MAX_SPIN_US)
-                } else {
-                    (budget / 2).max(MIN_SPIN_US)
+                let next = match spin_for(Duration::from_micros(u64::from(budget)), ready) {
+                    Spun::Caught => (budget + budget / 2 + 1).min(MAX_SPIN_US),
+                    Spun::Missed => (budget / 2).max(MIN_SPIN_US),
+                    Spun::Preempted => MIN_SPIN_US,
                 };
                 self.spin_us.store(next, Ordering::Relaxed);
                 continue;
@@ -697,36 +696,59 @@ const SPIN_FOR: Duration = Duration::from_micros(10);
 const MIN_SPIN_US: u32 = 2;
 const MAX_SPIN_US: u32 = 50;
 
-/// Busy-waits until `ready` holds (true) or `SPIN_FOR` passes (false), then yields the core a
-/// few times before giving up. It checks after every pause, not in exponentially growing
-/// rounds as crossbeam's `Backoff` does, so a message is seen within a pause of its arrival
-/// however long the wait has been.
-fn spin_until(ready: impl Fn() -> bool) -> bool {
+/// How a spin ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spun {
+    /// `ready` held.
+    Caught,
+    /// The bound passed.
+    Missed,
+    /// The thread lost its core for a while during the spin: other threads need it, so the
+    /// caller parks rather than spin again.
+    Preempted,
+}
+
+/// A gap this long between two looks at the clock (64 turns of a few nanoseconds each) means
+/// the spinning thread was descheduled.
+const PREEMPTED: Duration = Duration::from_micros(20);
+
+/// Busy-waits until `ready` holds or `SPIN_FOR` passes. It checks after every pause, not in
+/// exponentially growing rounds as crossbeam's `Backoff` does, so a message is seen within a
+/// pause of its arrival however long the wait has been.
+fn spin_until(ready: impl Fn() -> bool) -> Spun {
     spin_for(SPIN_FOR, ready)
 }
 
-/// [`spin_until`] with a bound of `limit`.
-fn spin_for(limit: Duration, ready: impl Fn() -> bool) -> bool {
+/// [`spin_until`] with a bound of `limit`. It stops early when the thread was descheduled
+/// meanwhile (more runnable threads than cores, the normal case on small machines): the core
+/// is wanted, and a futex sleep gives it up until the message comes, where spinning on would
+/// take it back from the thread that is to send it. It does not `sched_yield` either: with
+/// several runnable threads a yield can keep the yielder off its core for milliseconds.
+fn spin_for(limit: Duration, ready: impl Fn() -> bool) -> Spun {
     let start = Instant::now();
+    let mut last = start;
     let mut i: u32 = 0;
     loop {
         if ready() {
-            return true;
+            return Spun::Caught;
         }
         std::hint::spin_loop();
         i = i.wrapping_add(1);
-        if i % 64 == 0 && start.elapsed() > limit {
-            break;
+        if i % 64 == 0 {
+            let now = Instant::now();
+            if now - last > PREEMPTED {
+                return if ready() {
+                    Spun::Caught
+                } else {
+                    Spun::Preempted
+                };
+            }
+            if now - start > limit {
+                return Spun::Missed;
+            }
+            last = now;
         }
     }
-    // More runnable threads than cores is normal here: let another one run before parking.
-    for _ in 0..3 {
-        thread::yield_now();
-        if ready() {
-            return true;
-        }
-    }
-    false
 }
 
 /// True when `a` and `b` are the same session (compared by address: vtables may differ).
