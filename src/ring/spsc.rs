@@ -191,6 +191,10 @@ pub(crate) const HOT_MAX_RECORD: usize = HOT_WINDOW / 8;
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const DATA_WORD_OFFSET: usize = 128 + 8;
 
+/// Offset in the region of the *consumer gone* word ([`Consumer::mark_gone`]).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const GONE_WORD_OFFSET: usize = 128 + 12;
+
 /// Offset in the region of the *producer parked* word ([`Producer::room_word`]).
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const ROOM_WORD_OFFSET: usize = 8;
@@ -869,6 +873,13 @@ impl<R: Region> Producer<R> {
     pub(crate) fn detached_ptr(&self, d: &Detached) -> *mut u8 {
         self.ring.payload(d.pos)
     }
+
+    /// The *consumer gone* word: nonzero once the consumer marked the ring gone
+    /// ([`Consumer::mark_gone`]). A word rather than a method, so a sender can look at it
+    /// without the producer (its lock).
+    pub(crate) fn gone_word(&self) -> &AtomicU32 {
+        &self.ring.header().tail.gone
+    }
 }
 
 impl<R: Memory> Drop for Grant<'_, R> {
@@ -1200,6 +1211,15 @@ impl<R: Memory> Consumer<R> {
 
 #[cfg_attr(not(test), allow(dead_code))]
 impl<R: Region> Consumer<R> {
+    /// Tells the producer that nothing more will be read from this ring: its
+    /// [`consumer_gone`](Producer::consumer_gone) answers true from now on. Records already
+    /// committed stay readable.
+    pub(crate) fn mark_gone(&self) {
+        // Release: orders our last releases of `head` before it, for a producer that reads it
+        // with Acquire (it carries no data of its own).
+        self.ring.header().tail.gone.store(1, Ordering::Release);
+    }
+
     /// `rec`'s payload, read in place (16-byte aligned).
     ///
     /// The borrow of `self` keeps the record from being released (which takes `&mut self`)
@@ -1261,6 +1281,11 @@ struct IndexLine {
     index: AtomicU64,
     /// The doorbell: nonzero while the *other* side is parked (or about to park) on it.
     parked: AtomicU32,
+    /// On the `tail` line only: nonzero once the consumer will read no more (its receiver is
+    /// gone), so the producer stops writing. Advisory: it carries no data. On the line the
+    /// producer writes, not on `head`'s, so that a sender can look at it before every message
+    /// without pulling in the line the consumer writes on every release.
+    gone: AtomicU32,
 }
 
 /// The ring header at the start of the region.
@@ -1466,6 +1491,10 @@ mod tests {
         assert_eq!(p.capacity(), 1024);
         let addr = |word: &AtomicU32| word as *const AtomicU32 as usize - base;
         assert_eq!(addr(p.room_word()), ROOM_WORD_OFFSET);
+        assert_eq!(addr(p.gone_word()), GONE_WORD_OFFSET);
+        assert_eq!(p.gone_word().load(Ordering::Relaxed), 0);
+        c.mark_gone();
+        assert_eq!(p.gone_word().load(Ordering::Acquire), 1);
         assert_eq!(addr(&p.ring.header().head.parked), ROOM_WORD_OFFSET);
         assert_eq!(addr(c.data_word()), DATA_WORD_OFFSET);
         assert_eq!(addr(&p.ring.header().tail.parked), DATA_WORD_OFFSET);

@@ -79,6 +79,9 @@ pub(crate) struct OutChan {
     /// The ring's "producer parked" word, for waking a sender when the channel ends. Points
     /// into the mapping `ring` owns, which lives as long as `self`.
     room_word: AtomicPtr<AtomicU32>,
+    /// The ring's "consumer gone" word (null until the ring is made), which the receiver sets
+    /// when it reads no more. Points into the mapping `ring` owns, as `room_word`.
+    gone_word: AtomicPtr<AtomicU32>,
     /// The ring is one this side offered (see `conn::offer`) and nothing was sent on it yet.
     fresh_offer: AtomicBool,
 }
@@ -112,6 +115,7 @@ impl OutChan {
             waiters: Mutex::new(Vec::new()),
             ring: Mutex::new(RingState::Unset),
             room_word: AtomicPtr::new(std::ptr::null_mut()),
+            gone_word: AtomicPtr::new(std::ptr::null_mut()),
             fresh_offer: AtomicBool::new(false),
         })
     }
@@ -120,6 +124,7 @@ impl OutChan {
     /// (a SENDER_RING descriptor): no RING frame announces it.
     pub(crate) fn on_offer(conn: Arc<Conn>, id: u32, ring: RingOut) -> Arc<Self> {
         let word: *const AtomicU32 = ring.room_word();
+        let gone: *const AtomicU32 = ring.gone_word();
         let credit = SendCredit::new(conn.limits.peer_window);
         Arc::new(Self {
             conn,
@@ -129,8 +134,17 @@ impl OutChan {
             waiters: Mutex::new(Vec::new()),
             ring: Mutex::new(RingState::Ready(ring)),
             room_word: AtomicPtr::new(word.cast_mut()),
+            gone_word: AtomicPtr::new(gone.cast_mut()),
             fresh_offer: AtomicBool::new(true),
         })
+    }
+
+    /// The receiver marked the channel's ring gone: it reads no more (its RESET may still be
+    /// on the way, or may have overtaken the frame that opened this channel).
+    fn ring_gone(&self) -> bool {
+        let word = self.gone_word.load(Ordering::Acquire);
+        // SAFETY: set from the ring this `OutChan` owns (see the field), never cleared.
+        !word.is_null() && unsafe { &*word }.load(Ordering::Acquire) != 0
     }
 
     fn try_spend(&self, cost: u64) -> bool {
@@ -264,6 +278,8 @@ impl OutChan {
         }
         let word: *const AtomicU32 = out.room_word();
         self.room_word.store(word.cast_mut(), Ordering::Release);
+        let gone: *const AtomicU32 = out.gone_word();
+        self.gone_word.store(gone.cast_mut(), Ordering::Release);
         RingState::Ready(out)
     }
 
@@ -403,7 +419,7 @@ impl Outlet for OutChan {
     }
 
     fn is_disconnected(&self) -> bool {
-        self.reset.load(Ordering::Acquire) || self.conn.cannot_send()
+        self.reset.load(Ordering::Acquire) || self.conn.cannot_send() || self.ring_gone()
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

@@ -242,6 +242,11 @@ impl RingOut {
     pub(crate) fn room_word(&self) -> &AtomicU32 {
         self.prod.room_word()
     }
+
+    /// The ring's "consumer gone" word: nonzero once the receiver will read no more.
+    pub(crate) fn gone_word(&self) -> &AtomicU32 {
+        self.prod.gone_word()
+    }
 }
 
 /// Where a record stands in its sender's order: the session-wide sequence number, and how
@@ -668,6 +673,8 @@ impl Lane for RingIn {
         self.finished.store(true, Ordering::Release);
         let dropped = {
             let mut st = self.lock();
+            // The sender stops at its next message, without waiting for our RESET.
+            st.cons.mark_gone();
             st.staged = None;
             std::mem::take(&mut st.socket)
         };
