@@ -232,6 +232,46 @@ impl OutChan {
         }
     }
 
+    /// Sends a message whose handles are all `Sender`s that can take rings the peer offered
+    /// as one ring record carrying their descriptors (TAG_HANDLES): the peer's receiving
+    /// thread opens the channels itself, with no hop through its session's thread. `None` when
+    /// this does not apply (the message then goes the usual way).
+    fn send_handles_on_ring(&self, packet: &Packet, wait: Wait) -> Option<Result<(), PushError>> {
+        let n = packet.handles.len();
+        if n == 0 || !self.conn.may_export_on_offers(&packet.handles) {
+            return None;
+        }
+        self.with_ring(|out| {
+            if !out.fits_with_handles(n, packet.bytes.len()) {
+                return None;
+            }
+            let stop = || self.is_disconnected();
+            let mut opened = Vec::new();
+            let mut export = || {
+                let descs = self.conn.export_on_offers(&packet.handles)?;
+                opened = descs.iter().map(|d| d.chan).collect();
+                Some(descs.iter().map(frame::HandleDesc::encode).collect())
+            };
+            let stamp = self.conn.next_stamp();
+            match out.write_with_handles(stamp, n, &packet.bytes, wait, &stop, &mut export) {
+                Ok(true) => {
+                    if out.gone_after_commit() {
+                        // The receiver stopped reading, maybe before this record: close the
+                        // channels it opens here (if it did read it, it closes them too, and
+                        // the second close does nothing).
+                        for id in opened {
+                            self.conn.close_inbound(id);
+                        }
+                        return Some(Err(PushError::Disconnected));
+                    }
+                    Some(Ok(()))
+                }
+                Ok(false) => None,
+                Err(e) => Some(Err(self.ring_error(e))),
+            }
+        })?
+    }
+
     /// Runs `f` on the channel's ring (made on first use), under the ring's lock; `None` when
     /// the session has no shared memory or the ring could not be made.
     fn with_ring<T>(&self, f: impl FnOnce(&mut RingOut) -> T) -> Option<T> {
@@ -242,17 +282,19 @@ impl OutChan {
         if let RingState::Unset = *ring {
             *ring = self.make_ring();
         }
-        match &mut *ring {
-            RingState::Ready(out) => {
-                if self.fresh_offer.load(Ordering::Relaxed) {
-                    self.fresh_offer.store(false, Ordering::Relaxed);
-                    // One offer to make anew (the ring's lock makes this happen once).
-                    self.conn.offer_used();
-                }
-                Some(f(out))
-            }
-            _ => None,
+        let RingState::Ready(out) = &mut *ring else {
+            return None;
+        };
+        // The first use of an offered ring (the ring's lock makes it happen once).
+        let first_use = self.fresh_offer.load(Ordering::Relaxed);
+        self.fresh_offer.store(false, Ordering::Relaxed);
+        let done = f(out);
+        drop(ring);
+        if first_use {
+            // After the message: one offer to make anew, which the session's thread does.
+            self.conn.offer_used();
         }
+        Some(done)
     }
 
     /// A ring failure as a send error; a ring the peer broke ends the session.
@@ -347,6 +389,11 @@ impl Outlet for OutChan {
     /// otherwise as a DATA frame, waiting for credit as `wait` allows.
     fn send(&self, packet: Packet, wait: Wait) -> Result<(), PushError> {
         if self.conn.shm() {
+            if let Some(result) = self.send_handles_on_ring(&packet, wait) {
+                // The packet's handles are duplicates: dropping them leaves the channels the
+                // record opened to their new ends.
+                return result;
+            }
             // A tag and its frame need not pair up exactly between concurrent senders: every
             // frame's tag is in the ring before the frame is written, so each sender's own
             // messages still arrive in order.

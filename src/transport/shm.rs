@@ -33,6 +33,7 @@ use std::time::Instant;
 use super::conn::Conn;
 use crate::channel::{Entry, Lane, LanePop, PushError, Wait};
 use crate::message::{Bytes, Lender, Lent, Packet};
+use crate::proto::frame::HandleDesc;
 use crate::ring::release::{self, Outstanding};
 use crate::ring::shm::ShmRegion;
 use crate::ring::spsc::{region_len, Consumer, Detached, Grant, Producer};
@@ -54,6 +55,17 @@ const TAG_LEN: usize = 16;
 pub(crate) const TAG_MESSAGE: u32 = 1;
 /// The channel's next message travels on the socket.
 pub(crate) const TAG_ON_SOCKET: u32 = 2;
+/// The record holds handle descriptors, then one message archive: after the tag, a u32 count
+/// (and 12 zero bytes), the 16-byte descriptors, then the archive. Only descriptors that need
+/// no fd and no frame of their own go this way (SENDER_RING); the receiving thread opens their
+/// channels itself.
+pub(crate) const TAG_HANDLES: u32 = 3;
+
+/// Most handle descriptors one TAG_HANDLES record carries.
+pub(crate) const MAX_RING_HANDLES: usize = 16;
+
+/// Bytes between a TAG_HANDLES record's tag and its descriptors.
+const HANDLES_HEAD: usize = 16;
 
 /// The longest one futex sleep lasts before the sleeper re-checks on its own: a bound on how
 /// long a missed wake-up (which the protocol rules out) could cost, and how a dead peer is seen
@@ -132,6 +144,53 @@ impl RingOut {
             self.wake_consumer();
         }
         Ok(wrote)
+    }
+
+    /// Writes one TAG_HANDLES record: `n` descriptors, which `export` makes once the record's
+    /// room is reserved (so that a channel is never opened for a message that then finds no
+    /// room), then `archive`. Returns `Ok(false)`, with nothing written, when `export` declines
+    /// (the message then goes the usual way).
+    pub(crate) fn write_with_handles(
+        &mut self,
+        stamp: Stamp,
+        n: usize,
+        archive: &[u8],
+        wait: Wait,
+        stop: &dyn Fn() -> bool,
+        export: &mut dyn FnMut() -> Option<Vec<[u8; 16]>>,
+    ) -> Result<bool, RingWriteError> {
+        let descs_len = HANDLES_HEAD + 16 * n;
+        let len = TAG_LEN + descs_len + archive.len();
+        let mut grant = self.reserve(len, wait, stop)?;
+        let Some(descs) = export().filter(|d| d.len() == n) else {
+            // Dropped uncommitted: it becomes padding.
+            return Ok(false);
+        };
+        grant.write_at(0, &tag_bytes(TAG_HANDLES, stamp));
+        let mut head = [0u8; HANDLES_HEAD];
+        head[..4].copy_from_slice(&(n as u32).to_le_bytes());
+        grant.write_at(TAG_LEN, &head);
+        for (i, d) in descs.iter().enumerate() {
+            grant.write_at(TAG_LEN + HANDLES_HEAD + 16 * i, d);
+        }
+        grant.write_at(TAG_LEN + descs_len, archive);
+        grant.commit();
+        self.wake_consumer();
+        Ok(true)
+    }
+
+    /// Whether the receiver marked the ring gone, looked at after a commit: `true` means it
+    /// may have stopped reading before the record just committed (see `RingIn::discard`).
+    pub(crate) fn gone_after_commit(&self) -> bool {
+        // SeqCst fence: pairs with the one in `RingIn::discard` (Dekker): either its last
+        // look at the ring sees our commit, or we see its mark.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.prod.gone_word().load(Ordering::Acquire) != 0
+    }
+
+    /// Whether a TAG_HANDLES record of `n` descriptors and `archive_len` bytes fits the ring.
+    pub(crate) fn fits_with_handles(&self, n: usize, archive_len: usize) -> bool {
+        n <= MAX_RING_HANDLES && self.fits(HANDLES_HEAD + 16 * n + archive_len)
     }
 
     /// Reserves a record for a loan of `len` archive bytes (waiting for room as `wait`
@@ -272,6 +331,28 @@ fn tag_rings(bytes: &[u8]) -> u32 {
         .get(4..8)
         .and_then(|b| b.try_into().ok())
         .map_or(0, u32::from_le_bytes)
+}
+
+/// The descriptors of a TAG_HANDLES record and where its archive starts, from the payload
+/// after the tag.
+fn parse_handles(body: &[u8]) -> Result<(Vec<HandleDesc>, usize), &'static str> {
+    let head = body
+        .get(..HANDLES_HEAD)
+        .ok_or("handles record shorter than its count")?;
+    let n = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if n == 0 || n > MAX_RING_HANDLES || head[4..] != [0; HANDLES_HEAD - 4] {
+        return Err("bad handle count in a handles record");
+    }
+    let end = HANDLES_HEAD + 16 * n;
+    let descs = body
+        .get(HANDLES_HEAD..end)
+        .ok_or("handles record shorter than its descriptors")?
+        .chunks_exact(16)
+        .enumerate()
+        .map(|(i, d)| HandleDesc::parse(d, i as u16))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| "bad handle descriptor in a handles record")?;
+    Ok((descs, end))
 }
 
 /// Why [`RingOut::write`] failed.
@@ -488,6 +569,42 @@ impl RingIn {
         rings > self.rings_seen.load(Ordering::Acquire)
     }
 
+    /// Reads the ring to its end, releasing every record, and returns the descriptors of the
+    /// TAG_HANDLES records among them (for `discard`). Stops at a corrupt record.
+    fn drain_handles(st: &mut InState) -> Vec<Vec<HandleDesc>> {
+        let mut unread = Vec::new();
+        if st.copy_out {
+            while let Ok(Some(s)) = Self::stage(st) {
+                if s.tag == TAG_HANDLES {
+                    unread.extend(parse_handles(&s.bytes).ok().map(|(d, _)| d));
+                }
+            }
+            return unread;
+        }
+        while let Ok(Some(rec)) = st.cons.peek() {
+            // SAFETY: not copy-out mode: a trusted same-uid producer (as in `try_pop`).
+            let bytes = unsafe { st.cons.bytes(rec) };
+            if bytes.len() >= TAG_LEN && bytes[..4] == TAG_HANDLES.to_le_bytes() {
+                unread.extend(parse_handles(&bytes[TAG_LEN..]).ok().map(|(d, _)| d));
+            }
+            st.cons.consume(rec);
+            st.outstanding.push(rec, true);
+        }
+        Self::sweep(st);
+        unread
+    }
+
+    /// Opens the channels of a TAG_HANDLES record's descriptors. `None` when the session is
+    /// gone or the peer broke the protocol (the session then ends): the lane is done.
+    fn import(&self, descs: &[HandleDesc]) -> Option<Vec<crate::channel::Handle>> {
+        let handles = self.conn.upgrade()?.import_from_ring(descs);
+        if handles.is_none() {
+            self.dead.store(true, Ordering::Release);
+            self.finished.store(true, Ordering::Release);
+        }
+        handles
+    }
+
     /// Releases every leading record that is done, and wakes a sender waiting for room.
     fn sweep(st: &mut InState) {
         if let Some(word) = st.outstanding.sweep(&mut st.cons) {
@@ -554,6 +671,26 @@ impl Lane for RingIn {
                             lent: None,
                         });
                     }
+                    TAG_HANDLES => {
+                        let (descs, at) = match parse_handles(&staged.bytes) {
+                            Ok(parsed) => parsed,
+                            Err(what) => return self.corrupt(st, Corrupt::new(what)),
+                        };
+                        drop(st);
+                        let Some(handles) = self.import(&descs) else {
+                            return LanePop::Done;
+                        };
+                        // The archive to the start of the buffer, which keeps it 16-aligned.
+                        let mut bytes = staged.bytes;
+                        let len = bytes.len() - at;
+                        bytes.copy_within(at.., 0);
+                        bytes.resize(len, 0);
+                        return LanePop::Entry(Entry {
+                            packet: Packet { bytes, handles },
+                            credit: None,
+                            lent: None,
+                        });
+                    }
                     TAG_ON_SOCKET => {
                         st.on_socket += 1;
                         st.on_socket_seq.push_back(staged.seq);
@@ -586,8 +723,41 @@ impl Lane for RingIn {
             if self.held_back(rings) {
                 return LanePop::Empty;
             }
+            let handles = (tag == Some(TAG_HANDLES)).then(|| parse_handles(&bytes[TAG_LEN..]));
             st.cons.consume(rec);
             match tag {
+                Some(TAG_HANDLES) => {
+                    let (descs, at) = match handles {
+                        Some(Ok(parsed)) => parsed,
+                        Some(Err(what)) => return self.corrupt(st, Corrupt::new(what)),
+                        None => unreachable!("parsed above for this tag"),
+                    };
+                    st.outstanding.push(rec, false);
+                    drop(st);
+                    let Some(handles) = self.import(&descs) else {
+                        return LanePop::Done;
+                    };
+                    let lender: Arc<dyn Lender> =
+                        self.me.upgrade().expect("a lane in use is alive");
+                    // SAFETY: as for TAG_MESSAGE below; the archive starts `at` bytes into the
+                    // payload, a multiple of 16, so it is 16-byte aligned too.
+                    let lent = unsafe {
+                        Lent::new(
+                            payload.wrapping_add(at),
+                            rec.len() - TAG_LEN - at,
+                            rec.pos(),
+                            lender,
+                        )
+                    };
+                    return LanePop::Entry(Entry {
+                        packet: Packet {
+                            bytes: Bytes::new(),
+                            handles,
+                        },
+                        credit: None,
+                        lent: Some(lent),
+                    });
+                }
                 Some(TAG_MESSAGE) => {
                     let ptr = payload;
                     let len = rec.len() - TAG_LEN;
@@ -671,13 +841,22 @@ impl Lane for RingIn {
 
     fn discard(&self) {
         self.finished.store(true, Ordering::Release);
-        let dropped = {
+        let (dropped, unread) = {
             let mut st = self.lock();
             // The sender stops at its next message, without waiting for our RESET.
             st.cons.mark_gone();
+            // Pairs with the fence in `RingOut::gone_after_commit`: a record committed before
+            // the sender could see the mark is seen by the drain below.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let unread = Self::drain_handles(&mut st);
             st.staged = None;
-            std::mem::take(&mut st.socket)
+            (std::mem::take(&mut st.socket), unread)
         };
+        // Channels that unread records open are opened and closed at once, as they would be
+        // for a DATA frame on a reset channel: their receivers (the peer's) see them close.
+        for descs in unread {
+            drop(self.import(&descs));
+        }
         for e in dropped {
             if let Some(c) = &e.credit {
                 c.consumed(e.body_len());

@@ -100,20 +100,7 @@ impl Conn {
             }
             Kind::Data => self.dispatch_data(header.chan, &header, body, fds),
             Kind::Close => {
-                let c = {
-                    let mut t = self.lock_table();
-                    if t.reset_inbound.remove(&header.chan) {
-                        None
-                    } else {
-                        t.inbound.remove(&header.chan)
-                    }
-                };
-                if let Some(c) = c {
-                    if let Some(ring) = c.ring.get() {
-                        ring.mark_closed();
-                    }
-                    c.inbox.remove_feed(self, false);
-                }
+                self.close_inbound(header.chan);
                 Ok(())
             }
             Kind::Ring => self.dispatch_ring(header.chan, body, fds),
@@ -147,6 +134,26 @@ impl Conn {
                 self.fail(&format!("peer closed the session: {text}"));
                 Ok(())
             }
+        }
+    }
+
+    /// Channel `chan`, which the peer sends on, is closed: by the peer's CLOSE, or (a channel
+    /// opened by a ring record the peer never read) by us. Closing one that is not open does
+    /// nothing.
+    pub(crate) fn close_inbound(&self, chan: u32) {
+        let c = {
+            let mut t = self.lock_table();
+            if t.reset_inbound.remove(&chan) {
+                None
+            } else {
+                t.inbound.remove(&chan)
+            }
+        };
+        if let Some(c) = c {
+            if let Some(ring) = c.ring.get() {
+                ring.mark_closed();
+            }
+            c.inbox.remove_feed(self, false);
         }
     }
 
@@ -241,7 +248,7 @@ impl Conn {
     /// Turns one handle descriptor of a DATA frame into the handle the message gets, opening
     /// the channels it names. Called under the table's lock (`t`); a pumped stream's pump is
     /// left in `pumps`, to start once the lock is released.
-    fn import(
+    pub(super) fn import(
         &self,
         t: &mut Table,
         this: &Arc<Conn>,

@@ -819,7 +819,7 @@ fn spawn_control_reader(conn: &Arc<Conn>) -> Result<(), Error> {
                 // Offers the socket did not take when they were due (see `offer`).
                 conn.top_up_offers(false);
                 let until = Wait::Until(Instant::now() + CONTROL_POLL);
-                conn.drive(until, &|| false);
+                conn.drive(until, &|| conn.offers_due());
             }
         })?;
     Ok(())

@@ -23,11 +23,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use super::super::chan::InChan;
+use super::super::direct;
 use super::super::shm::{RingIn, RingOut, MAX_RING, MIN_RING, RING_CAPACITY};
 use super::dispatch::Violation;
 use super::Conn;
-use crate::proto::frame;
+use crate::channel::{Feed, Handle, Inbox, Lane, SendCore};
+use crate::proto::frame::{self, HandleDesc, HandleKind};
 use crate::ring::shm::ShmRegion;
 use crate::ring::spsc::region_len;
 
@@ -36,6 +40,9 @@ pub(super) const OFFERS: usize = 4;
 
 /// Most offers a side accepts from its peer before it calls the peer broken.
 pub(super) const MAX_OFFERS_IN: usize = 16;
+
+/// How long the session's thread waits before it tries again an offer the socket refused.
+const OFFER_RETRY: Duration = Duration::from_millis(1);
 
 /// Offer ids travel in 24 bits of a handle descriptor.
 const MAX_OFFER_ID: u32 = (1 << 24) - 1;
@@ -53,6 +60,8 @@ pub(super) struct OffersOut {
     /// Offers still to make: [`OFFERS`] once the session wants them, and one more each time
     /// a bound offer's channel sends its first message.
     budget: usize,
+    /// The socket refused an offer: no new try before this.
+    retry_after: Option<Instant>,
 }
 
 /// The peer's offers, mapped, oldest first.
@@ -80,18 +89,23 @@ impl Conn {
             let Ok((ring, fd)) = RingOut::create() else {
                 return;
             };
-            let id = self.next_offer_id();
+            // Kept before the frame goes: the peer may bind it, and send a descriptor naming
+            // it, as soon as the frame is written.
+            let id = self.keep_offer(ring);
             if !self.write_offer(id, &fd) {
+                let mut o = self.lock_offers_out();
+                o.unbound.remove(&id);
+                o.retry_after = Some(Instant::now() + OFFER_RETRY);
                 return;
             }
             let mut o = self.lock_offers_out();
-            o.unbound.insert(id, ring);
             o.budget = o.budget.saturating_sub(1);
+            o.retry_after = None;
         }
     }
 
-    /// The next offer id not in use.
-    fn next_offer_id(&self) -> u32 {
+    /// Keeps `ring` as an unbound offer under the next id not in use, and returns the id.
+    fn keep_offer(&self, ring: RingOut) -> u32 {
         let mut o = self.lock_offers_out();
         loop {
             o.last_id = if o.last_id >= MAX_OFFER_ID {
@@ -99,8 +113,10 @@ impl Conn {
             } else {
                 o.last_id + 1
             };
-            if !o.unbound.contains_key(&o.last_id) {
-                return o.last_id;
+            let id = o.last_id;
+            if let std::collections::hash_map::Entry::Vacant(e) = o.unbound.entry(id) {
+                e.insert(ring);
+                return id;
             }
         }
     }
@@ -122,8 +138,23 @@ impl Conn {
 
     /// A channel on one of our offers sent its first message: one offer to replace.
     pub(crate) fn offer_used(&self) {
-        let mut o = self.lock_offers_out();
-        o.budget = (o.budget + 1).min(OFFERS);
+        {
+            let mut o = self.lock_offers_out();
+            o.budget = (o.budget + 1).min(OFFERS);
+        }
+        // The session's thread makes it (it may be asleep in `poll`): offers are bound as
+        // fast as jobs come, and messages read from rings do not wake it.
+        self.interrupt();
+    }
+
+    /// Whether offers are due and may be tried now: the session's thread stops reading to make
+    /// them.
+    pub(super) fn offers_due(&self) -> bool {
+        let o = self.lock_offers_out();
+        o.wanted
+            && o.budget > 0
+            && o.unbound.len() < OFFERS
+            && o.retry_after.is_none_or(|t| Instant::now() >= t)
     }
 
     /// An OFFER frame: map the ring and keep it for the next `Sender` we hand over.
@@ -173,6 +204,116 @@ impl Conn {
             return None;
         }
         self.lock_offers_in().pop_front()
+    }
+
+    /// Whether every one of `handles` can go out on an offer of the peer's inside a ring record
+    /// (see [`export_on_offers`](Self::export_on_offers)), as far as a look without the locks
+    /// tells.
+    pub(crate) fn may_export_on_offers(&self, handles: &[Handle]) -> bool {
+        self.shm()
+            && handles.len() <= self.lock_offers_in().len()
+            && handles.iter().all(|h| self.on_offer(h).is_some())
+    }
+
+    /// The inbox of a handle that can go out on an offer: a `Sender` into an inbox of ours that
+    /// no other session feeds and that is not relayed anywhere (those take a relay or a direct
+    /// path, section 2.26).
+    fn on_offer<'h>(&self, h: &'h Handle) -> Option<(&'h Arc<Inbox>, u64)> {
+        match h {
+            Handle::Sender(SendCore::Local(inbox), fp)
+                if !inbox.fed_by_other(self) && direct::relayed_to(inbox, *fp, self).is_none() =>
+            {
+                Some((inbox, *fp))
+            }
+            _ => None,
+        }
+    }
+
+    /// Opens a channel for each of `handles` on an offer of the peer's, for a ring record that
+    /// carries their SENDER_RING descriptors (TAG_HANDLES), and returns those. `None`, having
+    /// done nothing, when one of them cannot go this way or there are not enough offers. The
+    /// caller has reserved the record: it is written whatever becomes of these channels.
+    pub(crate) fn export_on_offers(
+        self: &Arc<Self>,
+        handles: &[Handle],
+    ) -> Option<Vec<HandleDesc>> {
+        let targets: Vec<(&Arc<Inbox>, u64)> = handles
+            .iter()
+            .map(|h| self.on_offer(h))
+            .collect::<Option<_>>()?;
+        let mut t = self.lock_table();
+        let bound = {
+            let mut offers = self.lock_offers_in();
+            if !self.shm() || offers.len() < targets.len() {
+                return None;
+            }
+            let ids: Vec<u32> = targets
+                .iter()
+                .map(|_| t.ids.next())
+                .collect::<Option<_>>()?;
+            let rings: Vec<_> = offers.drain(..targets.len()).collect();
+            ids.into_iter().zip(rings).collect::<Vec<_>>()
+        };
+        let mut descs = Vec::with_capacity(targets.len());
+        let mut lanes = Vec::new();
+        for ((inbox, fingerprint), (id, (offer, ring))) in targets.into_iter().zip(bound) {
+            if inbox.add_feed(self.clone()) {
+                let c = InChan::new(self, id, inbox.clone());
+                let _ = c.ring.set(ring.clone());
+                t.inbound.insert(id, c);
+                lanes.push((inbox.clone(), ring));
+            } else {
+                // The receiver is gone already: the channel is born closed. Its ring says so
+                // to the peer's first send, and what it may send on the socket is discarded.
+                ring.discard();
+                t.reset_inbound.insert(id);
+            }
+            descs.push(HandleDesc {
+                kind: HandleKind::SenderRing,
+                chan: id,
+                fingerprint,
+                offer,
+            });
+        }
+        drop(t);
+        // Before the record naming them is committed: the peer may send on them at once.
+        for (inbox, ring) in lanes {
+            inbox.add_lane(ring);
+        }
+        Some(descs)
+    }
+
+    /// Opens the channels of the descriptors a TAG_HANDLES ring record carries, on the thread
+    /// that received the record: only SENDER_RING descriptors travel this way. `None` when
+    /// the peer broke the protocol: the session is then ended (GOAWAY).
+    pub(crate) fn import_from_ring(self: &Arc<Self>, descs: &[HandleDesc]) -> Option<Vec<Handle>> {
+        let mut handles = Vec::with_capacity(descs.len());
+        let mut t = self.lock_table();
+        for d in descs {
+            let imported = if d.kind == HandleKind::SenderRing {
+                self.import(&mut t, self, *d, &mut std::iter::empty(), &mut Vec::new())
+            } else {
+                Err(format!("{:?} descriptor in a ring record", d.kind).into())
+            };
+            match imported {
+                Ok(h) => handles.push(h),
+                Err(v) => {
+                    // Dropping a handle may end its channel, which takes the table's lock.
+                    drop(t);
+                    drop(handles);
+                    self.protocol_error(v);
+                    return None;
+                }
+            }
+        }
+        drop(t);
+        // The peer hands us senders: it gets offers (made on the session's thread).
+        let mut o = self.lock_offers_out();
+        if !o.wanted {
+            o.wanted = true;
+            o.budget = OFFERS;
+        }
+        Some(handles)
     }
 
     /// The session ended: unmap every offer, ours and the peer's.
@@ -303,6 +444,143 @@ mod tests {
         let replies = job(&jobs, 7);
         work(&rx, true);
         assert_eq!(*replies.recv().unwrap(), 14);
+    }
+
+    /// Starts a coordinator and a worker session with the worker's offers made.
+    fn warmed_up() -> (Session, Session, Sender<Job>, Receiver<Job>) {
+        let (coord, worker) = Session::pair().unwrap();
+        let jobs = coord.open_channel::<Job>().unwrap();
+        let rx = worker.accept_channel::<Job>().unwrap();
+        let replies = job(&jobs, 1);
+        work(&rx, true);
+        assert_eq!(*replies.recv().unwrap(), 2);
+        eventually("offers arrive", || offered(&coord) == OFFERS);
+        (coord, worker, jobs, rx)
+    }
+
+    #[test]
+    fn jobs_in_flight_with_offers_and_without_all_get_answers() {
+        let (_coord, _worker, jobs, rx) = warmed_up();
+        // More jobs in flight than offers: some senders travel inside ring records, the rest
+        // in DATA frames once the offers run out.
+        let replies: Vec<_> = (0..50).map(|id| job(&jobs, id)).collect();
+        for _ in 0..50 {
+            work(&rx, true);
+        }
+        for (id, r) in replies.iter().enumerate() {
+            assert_eq!(*r.recv().unwrap(), 2 * id as u64);
+        }
+    }
+
+    #[test]
+    fn unread_jobs_close_their_reply_channels() {
+        let (coord, worker, jobs, rx) = warmed_up();
+        let replies: Vec<_> = (0..3).map(|id| job(&jobs, id)).collect();
+        assert_eq!(
+            offered(&coord),
+            OFFERS - 3,
+            "the senders did not go on offers"
+        );
+        // The worker goes away without reading them: their channels still close.
+        drop(rx);
+        for r in &replies {
+            assert_eq!(
+                r.recv_timeout(Duration::from_secs(10)).unwrap_err(),
+                crate::RecvTimeoutError::Closed
+            );
+        }
+        // And the jobs channel fails from now on.
+        assert!(jobs
+            .send(Job {
+                id: 9,
+                reply: pipe().0
+            })
+            .is_err());
+        drop(worker);
+    }
+
+    #[test]
+    fn an_answer_to_a_dropped_reply_receiver_fails() {
+        let (coord, _worker, jobs, rx) = warmed_up();
+        let replies = job(&jobs, 5);
+        assert_eq!(offered(&coord), OFFERS - 1);
+        // The receiver goes before the worker has opened the channel: its RESET reaches the
+        // worker first, and the answer must still fail rather than vanish.
+        drop(replies);
+        std::thread::sleep(Duration::from_millis(50));
+        let m = rx.recv().unwrap();
+        let reply = m.take(&m.reply).unwrap();
+        assert!(
+            reply.send(1).is_err(),
+            "an answer nobody can receive was accepted"
+        );
+    }
+
+    #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+    struct TwoWay {
+        ok: Sender<u64>,
+        err: Sender<String>,
+    }
+
+    #[test]
+    fn a_message_with_two_senders_on_offers() {
+        let (coord, worker) = Session::pair().unwrap();
+        let jobs = coord.open_channel::<TwoWay>().unwrap();
+        let rx = worker.accept_channel::<TwoWay>().unwrap();
+        for round in 0..4 {
+            let ((ok, oks), (err, errs)) = (pipe(), pipe());
+            jobs.send(TwoWay { ok, err }).unwrap();
+            let m = rx.recv().unwrap();
+            m.take(&m.ok).unwrap().send(round).unwrap();
+            m.take(&m.err)
+                .unwrap()
+                .send(format!("round {round}"))
+                .unwrap();
+            assert_eq!(*oks.recv().unwrap(), round);
+            assert_eq!(errs.recv().unwrap().as_str(), format!("round {round}"));
+            if round == 0 {
+                eventually("offers arrive", || offered(&coord) == OFFERS);
+            }
+        }
+    }
+
+    #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+    struct Req {
+        n: u32,
+        reply: Sender<u64>,
+    }
+
+    /// A proxy thread forwards requests, and so opens their reply channels from ring records
+    /// while the session's thread makes offers: an offer must be known to its maker before the
+    /// frame announcing it goes out (this lost one request in ten rounds when it was not).
+    #[test]
+    fn a_proxy_forwarding_senders_loses_no_reply() {
+        for round in 0..20 {
+            let (a, b) = Session::pair().unwrap();
+            let front_tx = a.open_channel::<Req>().unwrap();
+            let front_rx = b.accept_channel::<Req>().unwrap();
+            let back_tx = a.open_channel::<Req>().unwrap();
+            let back_rx = b.accept_channel::<Req>().unwrap();
+            let proxy = std::thread::spawn(move || crate::copy(&front_rx, &back_tx));
+            let server = std::thread::spawn(move || {
+                for m in back_rx.iter() {
+                    let reply = m.take(&m.reply).unwrap();
+                    reply.send(u64::from(m.n.to_native()) * 2).unwrap();
+                }
+            });
+            let (reply, replies) = pipe::<u64>();
+            for n in 0..100 {
+                let reply = reply.clone();
+                front_tx.send(Req { n, reply }).unwrap();
+                match replies.recv_timeout(Duration::from_secs(10)) {
+                    Ok(v) => assert_eq!(*v, u64::from(n) * 2),
+                    Err(e) => panic!("round {round}, request {n}: {e:?}"),
+                }
+            }
+            drop(front_tx);
+            assert_eq!(proxy.join().unwrap(), Ok(100));
+            server.join().unwrap();
+        }
     }
 
     #[test]
