@@ -584,6 +584,31 @@ mod tests {
     }
 
     #[test]
+    fn reply_senders_in_ring_records_in_copy_out_mode() {
+        let opts = crate::Options::default().trust(crate::Trust::Untrusted);
+        let (coord, worker) = Session::pair_with(&opts).unwrap();
+        assert!(coord.conn.shm() && coord.conn.copy_out());
+        let jobs = coord.open_channel::<Job>().unwrap();
+        let rx = worker.accept_channel::<Job>().unwrap();
+        let replies = job(&jobs, 1);
+        work(&rx, true);
+        assert_eq!(*replies.recv().unwrap(), 2);
+        eventually("offers arrive", || offered(&coord) == OFFERS);
+        for id in 2..20 {
+            let replies = job(&jobs, id);
+            if id == 2 {
+                assert_eq!(
+                    offered(&coord),
+                    OFFERS - 1,
+                    "the sender did not take an offer"
+                );
+            }
+            work(&rx, true);
+            assert_eq!(*replies.recv().unwrap(), 2 * id);
+        }
+    }
+
+    #[test]
     fn bad_offers_are_refused() {
         let (a, _b) = Session::pair().unwrap();
         let conn = &a.conn;
