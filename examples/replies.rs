@@ -11,9 +11,10 @@
 //! waits for the answer before the next job. It prints the time per job (p50, p90, p99) for
 //! both transports, measured in the same run.
 //!
-//! On shared memory the job goes through the channel's ring, its `Sender` through the socket
-//! (a handle), and the answer through a ring the worker offered ahead of time (see "ring
-//! offers" in docs/PROTOCOL.md); on `unix` everything goes through the socket.
+//! On shared memory the job and its `Sender` go through the channel's ring (the `Sender` as a
+//! descriptor naming a ring the worker offered ahead of time, see "ring offers" in
+//! docs/PROTOCOL.md) and the answer through that offered ring; on `unix` everything goes
+//! through the socket.
 
 use std::error::Error;
 use std::process::Command;
