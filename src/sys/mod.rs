@@ -10,7 +10,9 @@ mod process;
 mod socket;
 mod wake;
 
-pub(crate) use socket::{cut, peer_uid, poll, poll_with_doorbell, recv_with_fds, send_with_fds};
+pub(crate) use socket::{
+    cut, cut_keeping_connection, peer_uid, poll, poll_with_doorbell, recv_with_fds, send_with_fds,
+};
 pub(crate) use wake::Doorbell;
 // The shared-memory transport's doorbell will call these; until then only tests do.
 #[cfg_attr(not(test), allow(unused_imports))]

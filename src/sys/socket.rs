@@ -159,6 +159,12 @@ pub(crate) fn poll_with_doorbell(
 /// stream, writes fail) until its owner closes it.
 pub(crate) fn cut(socket: &OwnedFd) {
     let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
+    cut_keeping_connection(socket);
+}
+
+/// As [`cut`], without shutting the connection down: `socket`'s number moves to an inert socket,
+/// and the connection lives on in whatever other descriptor refers to it (a lingering close).
+pub(crate) fn cut_keeping_connection(socket: &OwnedFd) {
     let Ok((inert, far)) = rustix::net::socketpair(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::STREAM,

@@ -58,6 +58,26 @@ pub(crate) trait Link: Send + Sync + 'static {
     fn cut(&self) {
         let _ = rustix::net::shutdown(self.fd(), rustix::net::Shutdown::Both);
     }
+
+    /// As [`cut`](Link::cut), after a GOAWAY: what was written still reaches the peer. A TCP
+    /// connection closed with unread bytes (a peer still sending what made us give up) is
+    /// reset, and a reset can throw away the GOAWAY before the peer, or a proxy between us,
+    /// has read it; so such a link ends with a FIN and lets the closer thread read and discard
+    /// until the peer closes. The caller holds the reader seat: no thread of ours is blocked
+    /// reading.
+    fn cut_after_goaway(&self) {
+        self.cut();
+    }
+}
+
+/// Ends a TCP connection as [`Link::cut_after_goaway`] describes: the socket goes to the
+/// closer thread (FIN, then reading until the peer closes, at most `closer::CLOSE_LINGER`),
+/// and `sock`'s number is left on an inert socket, so the session's threads see it dead.
+pub(super) fn linger_and_cut(sock: &OwnedFd) {
+    if let Ok(dup) = sock.try_clone() {
+        super::closer::close_later(super::closer::SocketClosing::new(dup));
+    }
+    sys::cut_keeping_connection(sock);
 }
 
 /// A socket used as it is: a unix stream socket (descriptors attached by SCM_RIGHTS) or a TCP
@@ -126,6 +146,16 @@ impl Link for SocketLink {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             sys::cut(&self.sock);
         }
+    }
+
+    fn cut_after_goaway(&self) {
+        if self.transport == Transport::Unix {
+            // A unix socket loses nothing to a close with unread bytes.
+            return self.cut();
+        }
+        self.was_cut
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        linger_and_cut(&self.sock);
     }
 }
 

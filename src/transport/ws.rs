@@ -349,6 +349,21 @@ impl Link for WsLink {
             Io::Tls(tls) => tls.cut(),
         }
     }
+
+    fn cut_after_goaway(&self) {
+        {
+            let mut st = self.lock();
+            if !st.eof {
+                let _ = st.ws.close(None);
+            }
+            st.eof = true;
+            st.pending = false;
+        }
+        match &self.io {
+            Io::Plain(sock) => super::link::linger_and_cut(sock),
+            Io::Tls(tls) => tls.cut(),
+        }
+    }
 }
 
 /// The connection under a WebSocket, as the link sees it (the WebSocket's [`Stream`] holds

@@ -564,6 +564,9 @@ impl Conn {
             self.peer(),
             v.text
         );
+        // The GOAWAY must not be lost to a reset: the peer may still be sending what broke
+        // the rules.
+        self.link.cut_after_goaway();
         self.fail(&format!("protocol violation by peer: {}", v.text));
     }
 }
