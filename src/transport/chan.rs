@@ -287,7 +287,9 @@ impl OutChan {
         };
         // The first use of an offered ring (the ring's lock makes it happen once).
         let first_use = self.fresh_offer.load(Ordering::Relaxed);
-        self.fresh_offer.store(false, Ordering::Relaxed);
+        if first_use {
+            self.fresh_offer.store(false, Ordering::Relaxed);
+        }
         let done = f(out);
         drop(ring);
         if first_use {
