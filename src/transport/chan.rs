@@ -106,6 +106,20 @@ enum RingState {
 
 impl OutChan {
     pub(crate) fn new(conn: Arc<Conn>, id: u32) -> Arc<Self> {
+        Self::with_ring_state(conn, id, RingState::Unset)
+    }
+
+    /// A channel whose ring is `ring`, one this side offered and the peer bound to channel `id`
+    /// (a SENDER_RING descriptor): no RING frame announces it.
+    pub(crate) fn on_offer(conn: Arc<Conn>, id: u32, ring: RingOut) -> Arc<Self> {
+        let o = Self::with_ring_state(conn, id, RingState::Unset);
+        o.keep_words(&ring);
+        *o.ring.lock().unwrap_or_else(|e| e.into_inner()) = RingState::Ready(ring);
+        o.fresh_offer.store(true, Ordering::Relaxed);
+        o
+    }
+
+    fn with_ring_state(conn: Arc<Conn>, id: u32, ring: RingState) -> Arc<Self> {
         let credit = SendCredit::new(conn.limits.peer_window);
         Arc::new(Self {
             conn,
@@ -113,30 +127,21 @@ impl OutChan {
             credit: Mutex::new(credit),
             reset: AtomicBool::new(false),
             waiters: Mutex::new(Vec::new()),
-            ring: Mutex::new(RingState::Unset),
+            ring: Mutex::new(ring),
             room_word: AtomicPtr::new(std::ptr::null_mut()),
             gone_word: AtomicPtr::new(std::ptr::null_mut()),
             fresh_offer: AtomicBool::new(false),
         })
     }
 
-    /// A channel whose ring is `ring`, one this side offered and the peer bound to channel `id`
-    /// (a SENDER_RING descriptor): no RING frame announces it.
-    pub(crate) fn on_offer(conn: Arc<Conn>, id: u32, ring: RingOut) -> Arc<Self> {
-        let word: *const AtomicU32 = ring.room_word();
+    /// Keeps the addresses of `ring`'s "producer parked" and "consumer gone" words, for use
+    /// without the ring's lock; `ring` becomes this channel's ring, which lives as long as
+    /// `self`.
+    fn keep_words(&self, ring: &RingOut) {
+        let room: *const AtomicU32 = ring.room_word();
         let gone: *const AtomicU32 = ring.gone_word();
-        let credit = SendCredit::new(conn.limits.peer_window);
-        Arc::new(Self {
-            conn,
-            id,
-            credit: Mutex::new(credit),
-            reset: AtomicBool::new(false),
-            waiters: Mutex::new(Vec::new()),
-            ring: Mutex::new(RingState::Ready(ring)),
-            room_word: AtomicPtr::new(word.cast_mut()),
-            gone_word: AtomicPtr::new(gone.cast_mut()),
-            fresh_offer: AtomicBool::new(true),
-        })
+        self.room_word.store(room.cast_mut(), Ordering::Release);
+        self.gone_word.store(gone.cast_mut(), Ordering::Release);
     }
 
     /// The receiver marked the channel's ring gone: it reads no more (its RESET may still be
@@ -320,10 +325,7 @@ impl OutChan {
         if self.conn.send_ring(self.id, fd).is_err() {
             return RingState::Unavailable;
         }
-        let word: *const AtomicU32 = out.room_word();
-        self.room_word.store(word.cast_mut(), Ordering::Release);
-        let gone: *const AtomicU32 = out.gone_word();
-        self.gone_word.store(gone.cast_mut(), Ordering::Release);
+        self.keep_words(&out);
         RingState::Ready(out)
     }
 

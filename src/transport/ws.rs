@@ -177,6 +177,17 @@ impl WsLink {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
+
+    /// Ends the WebSocket before its connection: a close frame, as far as the socket takes it
+    /// now (proxies and other WebSocket peers see an orderly end), and nothing more to read.
+    fn end_messages(&self) {
+        let mut st = self.lock();
+        if !st.eof {
+            let _ = st.ws.close(None);
+        }
+        st.eof = true;
+        st.pending = false;
+    }
 }
 
 impl State {
@@ -334,16 +345,7 @@ impl Link for WsLink {
     }
 
     fn cut(&self) {
-        {
-            let mut st = self.lock();
-            if !st.eof {
-                // A close frame, as far as the socket takes it now: proxies and other
-                // WebSocket peers see an orderly end.
-                let _ = st.ws.close(None);
-            }
-            st.eof = true;
-            st.pending = false;
-        }
+        self.end_messages();
         match &self.io {
             Io::Plain(sock) => sys::cut(sock),
             Io::Tls(tls) => tls.cut(),
@@ -351,14 +353,7 @@ impl Link for WsLink {
     }
 
     fn cut_after_goaway(&self) {
-        {
-            let mut st = self.lock();
-            if !st.eof {
-                let _ = st.ws.close(None);
-            }
-            st.eof = true;
-            st.pending = false;
-        }
+        self.end_messages();
         match &self.io {
             Io::Plain(sock) => super::link::linger_and_cut(sock),
             Io::Tls(tls) => tls.cut(),

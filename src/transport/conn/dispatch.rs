@@ -360,14 +360,6 @@ impl Conn {
             return Err("RING frame on a session without shared memory".into());
         }
         let capacity = frame::parse_ring(body)?;
-        if !capacity.is_power_of_two() || !(MIN_RING..=MAX_RING).contains(&capacity) {
-            return Err(format!(
-                "RING frame with capacity {capacity}, not a power of two in {MIN_RING}..={MAX_RING}"
-            )
-            .into());
-        }
-        let capacity = capacity as usize;
-        let this = self.arc()?;
         let inchan = {
             let t = self.lock_table();
             if t.reset_inbound.contains(&chan) {
@@ -379,19 +371,37 @@ impl Conn {
                 .cloned()
                 .ok_or_else(|| Violation::from(format!("RING frame on unknown channel {chan}")))?
         };
-        let fd = fds
-            .into_iter()
-            .next()
-            .ok_or("RING frame without its memfd")?;
-        let region = ShmRegion::map(fd.as_fd(), region_len(capacity))
-            .map_err(|e| Violation::from(format!("cannot map a channel's ring: {e}")))?;
-        let ring = RingIn::attach(&this, region)
-            .map_err(|e| Violation::from(format!("bad ring on channel {chan}: {e}")))?;
+        let ring = self.attach_peer_ring("RING", capacity, fds)?;
         if inchan.ring.set(ring.clone()).is_err() {
             return Err(format!("second RING frame on channel {chan}").into());
         }
         inchan.inbox.add_lane(ring);
         Ok(())
+    }
+
+    /// Maps the ring of `capacity` data bytes in the one memfd of a RING or OFFER frame (named by
+    /// `kind`) and attaches to it as its consumer.
+    pub(super) fn attach_peer_ring(
+        &self,
+        kind: &str,
+        capacity: u64,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Arc<RingIn>, Violation> {
+        if !capacity.is_power_of_two() || !(MIN_RING..=MAX_RING).contains(&capacity) {
+            return Err(format!(
+                "{kind} frame with capacity {capacity}, not a power of two in {MIN_RING}..={MAX_RING}"
+            )
+            .into());
+        }
+        let this = self.arc()?;
+        let fd = fds
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{kind} frame without its memfd"))?;
+        let region = ShmRegion::map(fd.as_fd(), region_len(capacity as usize))
+            .map_err(|e| Violation::from(format!("cannot map the ring of a {kind} frame: {e}")))?;
+        RingIn::attach(&this, region)
+            .map_err(|e| Violation::from(format!("bad ring in a {kind} frame: {e}")))
     }
 
     /// A BLOB frame: `chan`'s next message is the archive in the sealed memfd in `fds`.

@@ -27,13 +27,11 @@ use std::time::{Duration, Instant};
 
 use super::super::chan::InChan;
 use super::super::direct;
-use super::super::shm::{RingIn, RingOut, MAX_RING, MIN_RING, RING_CAPACITY};
+use super::super::shm::{RingIn, RingOut, RING_CAPACITY};
 use super::dispatch::Violation;
 use super::Conn;
 use crate::channel::{Feed, Handle, Inbox, Lane, SendCore};
 use crate::proto::frame::{self, HandleDesc, HandleKind};
-use crate::ring::shm::ShmRegion;
-use crate::ring::spsc::region_len;
 
 /// Offers a side keeps out (made, not yet bound to a channel).
 pub(super) const OFFERS: usize = 4;
@@ -168,12 +166,6 @@ impl Conn {
             return Err("OFFER frame on a session without shared memory".into());
         }
         let capacity = frame::parse_offer(body)?;
-        if !capacity.is_power_of_two() || !(MIN_RING..=MAX_RING).contains(&capacity) {
-            return Err(format!(
-                "OFFER frame with capacity {capacity}, not a power of two in {MIN_RING}..={MAX_RING}"
-            )
-            .into());
-        }
         {
             let offers = self.lock_offers_in();
             if offers.len() >= MAX_OFFERS_IN {
@@ -185,15 +177,7 @@ impl Conn {
                 return Err(format!("ring offer {id} made twice").into());
             }
         }
-        let this = self.arc()?;
-        let fd = fds
-            .into_iter()
-            .next()
-            .ok_or("OFFER frame without its memfd")?;
-        let region = ShmRegion::map(fd.as_fd(), region_len(capacity as usize))
-            .map_err(|e| Violation::from(format!("cannot map an offered ring: {e}")))?;
-        let ring = RingIn::attach(&this, region)
-            .map_err(|e| Violation::from(format!("bad offered ring {id}: {e}")))?;
+        let ring = self.attach_peer_ring("OFFER", capacity, fds)?;
         self.lock_offers_in().push_back((id, ring));
         Ok(())
     }
@@ -337,7 +321,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::{pipe, Receiver, Sender, Session};
+    use crate::ring::shm::ShmRegion;
+    use crate::ring::spsc::region_len;
+    use crate::{pipe, Options, Receiver, Sender, Session};
 
     #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
     struct Job {
@@ -448,7 +434,11 @@ mod tests {
 
     /// Starts a coordinator and a worker session with the worker's offers made.
     fn warmed_up() -> (Session, Session, Sender<Job>, Receiver<Job>) {
-        let (coord, worker) = Session::pair().unwrap();
+        warmed_up_with(&Options::default())
+    }
+
+    fn warmed_up_with(opts: &Options) -> (Session, Session, Sender<Job>, Receiver<Job>) {
+        let (coord, worker) = Session::pair_with(opts).unwrap();
         let jobs = coord.open_channel::<Job>().unwrap();
         let rx = worker.accept_channel::<Job>().unwrap();
         let replies = job(&jobs, 1);
@@ -585,15 +575,9 @@ mod tests {
 
     #[test]
     fn reply_senders_in_ring_records_in_copy_out_mode() {
-        let opts = crate::Options::default().trust(crate::Trust::Untrusted);
-        let (coord, worker) = Session::pair_with(&opts).unwrap();
+        let opts = Options::default().trust(crate::Trust::Untrusted);
+        let (coord, _worker, jobs, rx) = warmed_up_with(&opts);
         assert!(coord.conn.shm() && coord.conn.copy_out());
-        let jobs = coord.open_channel::<Job>().unwrap();
-        let rx = worker.accept_channel::<Job>().unwrap();
-        let replies = job(&jobs, 1);
-        work(&rx, true);
-        assert_eq!(*replies.recv().unwrap(), 2);
-        eventually("offers arrive", || offered(&coord) == OFFERS);
         for id in 2..20 {
             let replies = job(&jobs, id);
             if id == 2 {
