@@ -883,3 +883,59 @@ impl Lane for RingIn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::HandleKind;
+
+    /// The payload of a TAG_HANDLES record after its tag: `n` in the count, `descs`, an archive.
+    fn body(n: u32, descs: &[HandleDesc], archive: &[u8]) -> Vec<u8> {
+        let mut b = n.to_le_bytes().to_vec();
+        b.resize(HANDLES_HEAD, 0);
+        for d in descs {
+            b.extend_from_slice(&d.encode());
+        }
+        b.extend_from_slice(archive);
+        b
+    }
+
+    fn sender_ring(chan: u32) -> HandleDesc {
+        HandleDesc {
+            kind: HandleKind::SenderRing,
+            chan,
+            fingerprint: 7,
+            offer: 3,
+        }
+    }
+
+    #[test]
+    fn handles_records_parse_and_malformed_ones_are_refused() {
+        let d = [sender_ring(5), sender_ring(9)];
+        let ok = body(2, &d, b"archive!");
+        assert_eq!(parse_handles(&ok), Ok((d.to_vec(), HANDLES_HEAD + 32)));
+        assert_eq!(&ok[HANDLES_HEAD + 32..], b"archive!");
+
+        let bad = |b: &[u8]| parse_handles(b).unwrap_err();
+        assert_eq!(bad(&ok[..8]), "handles record shorter than its count");
+        assert_eq!(
+            bad(&body(0, &[], b"")),
+            "bad handle count in a handles record"
+        );
+        let many = vec![sender_ring(5); MAX_RING_HANDLES + 1];
+        assert_eq!(
+            bad(&body(many.len() as u32, &many, b"")),
+            "bad handle count in a handles record"
+        );
+        let mut reserved = ok.clone();
+        reserved[7] = 1;
+        assert_eq!(bad(&reserved), "bad handle count in a handles record");
+        assert_eq!(
+            bad(&body(3, &d, b"")),
+            "handles record shorter than its descriptors"
+        );
+        let mut broken = ok.clone();
+        broken[HANDLES_HEAD] = 99; // an unknown handle kind
+        assert_eq!(bad(&broken), "bad handle descriptor in a handles record");
+    }
+}
