@@ -406,13 +406,7 @@ mod tests {
 
     #[test]
     fn unused_senders_use_up_offers_then_take_the_plain_path() {
-        let (coord, worker) = Session::pair().unwrap();
-        let jobs = coord.open_channel::<Job>().unwrap();
-        let rx = worker.accept_channel::<Job>().unwrap();
-        let replies = job(&jobs, 1);
-        work(&rx, true);
-        assert_eq!(*replies.recv().unwrap(), 2);
-        eventually("offers arrive", || offered(&coord) == OFFERS);
+        let (coord, worker, jobs, rx) = warmed_up();
 
         // Senders handed over and dropped unused: every one closes its channel, no offer is
         // made to replace the ones they took.
