@@ -186,66 +186,35 @@ impl Header {
         if (chan != 0) != kind.is_channel_frame() {
             return Err(DecodeError::BadChannel { kind, chan });
         }
-        if matches!(kind, Kind::Ring | Kind::Blob) {
+        match kind {
             // Exactly the memfd, and no handle count.
-            if nfds != 1 || arg != 0 {
+            Kind::Ring | Kind::Blob if nfds != 1 || arg != 0 => {
                 return Err(DecodeError::FdCountMismatch {
                     nfds,
                     handles: arg as u16,
                 });
             }
-            return Ok(Self {
-                len,
-                kind,
-                flags,
-                nfds,
-                chan,
-                arg,
-            });
-        }
-        if kind == Kind::Offer {
-            // Exactly the memfd; `arg` is the offer's id.
-            if nfds != 1 {
+            // Exactly the memfd (OFFER) or the socket (INTRO); `arg` is the offer's id or the
+            // introduction's token.
+            Kind::Offer | Kind::Intro if nfds != 1 => {
                 return Err(DecodeError::FdCountMismatch { nfds, handles: 1 });
             }
-            if arg == 0 {
-                return Err(DecodeError::BadOffer);
+            Kind::Offer if arg == 0 => return Err(DecodeError::BadOffer),
+            Kind::Ring | Kind::Blob | Kind::Offer | Kind::Intro => {}
+            _ if nfds != 0 && kind != Kind::Data => {
+                return Err(DecodeError::FdsOnNonData { kind, nfds });
             }
-            return Ok(Self {
-                len,
-                kind,
-                flags,
-                nfds,
-                chan,
-                arg,
-            });
-        }
-        if kind == Kind::Intro {
-            // Exactly the socket; `arg` is the token.
-            if nfds != 1 {
-                return Err(DecodeError::FdCountMismatch { nfds, handles: 1 });
+            _ if nfds > MAX_FDS => {
+                return Err(DecodeError::TooManyFds { count: nfds.into() });
             }
-            return Ok(Self {
-                len,
-                kind,
-                flags,
-                nfds,
-                chan,
-                arg,
-            });
-        }
-        if nfds != 0 && kind != Kind::Data {
-            return Err(DecodeError::FdsOnNonData { kind, nfds });
-        }
-        if nfds > MAX_FDS {
-            return Err(DecodeError::TooManyFds { count: nfds.into() });
-        }
-        if u32::from(nfds) > arg {
             // Every fd is named by an FD or STREAM descriptor.
-            return Err(DecodeError::FdCountMismatch {
-                nfds,
-                handles: arg as u16,
-            });
+            _ if u32::from(nfds) > arg => {
+                return Err(DecodeError::FdCountMismatch {
+                    nfds,
+                    handles: arg as u16,
+                });
+            }
+            _ => {}
         }
         Ok(Self {
             len,
