@@ -20,7 +20,7 @@ use super::source::{Lane, LanePop};
 use crate::message::{Lender, Lent, Packet};
 use crate::ring::region::HeapRegion;
 use crate::ring::release::{self, Outstanding};
-use crate::ring::spsc::{pair, Consumer, Producer};
+use crate::ring::spsc::{pair, Consumer, Producer, Record};
 use crate::sys::{futex_wait, futex_wake};
 
 /// Tag length in front of each record's payload (keeps the archive 16-byte aligned).
@@ -252,6 +252,13 @@ impl LocalRing {
         }
     }
 
+    /// Notes a record just consumed (see `Outstanding::push`).
+    fn took(st: &mut ConsState, rec: Record, done: bool) {
+        if let Some(w) = st.outstanding.push(&mut st.cons, rec, done) {
+            let _ = futex_wake(w, 1);
+        }
+    }
+
     /// Releases every leading record that is done.
     fn sweep(st: &mut ConsState) {
         if let Some(w) = st.outstanding.sweep(&mut st.cons) {
@@ -275,14 +282,14 @@ impl LocalRing {
         };
         self.uncount(st);
         if kind == TAG_BOXED {
-            st.outstanding.push(rec, true);
+            Self::took(st, rec, true);
             Self::sweep(st);
             // SAFETY: `push` wrote this pointer from `Box::into_raw`, and this is the only
             // place that takes it back, once per record (the record is consumed above).
             let packet = unsafe { Box::from_raw(word as usize as *mut Packet) };
             return Some(Entry::local(*packet));
         }
-        st.outstanding.push(rec, false);
+        Self::took(st, rec, false);
         let lender: Arc<dyn Lender> = self.me.upgrade().expect("a ring in use is alive");
         // SAFETY: the payload starts 16 bytes into a 16-byte aligned record and stays unchanged
         // until released, which only `give_back(rec.pos())` does.

@@ -40,6 +40,13 @@ pub type ArchivedReceiver<T> = ArchivedHandle<Receiver<T>>;
 /// Handles that the message carries are resolved with [`take`](Msg::take), or all at once by
 /// [`into_owned`](Msg::into_owned); handles never taken are closed when the `Msg` drops.
 ///
+/// On a ring channel (a shared-memory session, or in process) a `Msg` is read where it arrived
+/// and holds that room until it drops. Rings reuse their room in order, so a `Msg` kept for a
+/// long time also holds back the room of everything sent after it: once about a ring's worth
+/// has followed it (4 MiB on a shared-memory session; 256 bytes per message of capacity in
+/// process, at least 4 KiB), the sender waits for room. Keep a message beyond that with
+/// [`into_owned`](Msg::into_owned), or copy what you need out of it.
+///
 /// ```
 /// #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 /// struct Req { n: u32, reply: libchan::Sender<u32> }

@@ -15,9 +15,23 @@ pub(crate) struct Outstanding {
 }
 
 impl Outstanding {
-    /// Notes a record just consumed; `done` when nothing will read it any more.
-    pub(crate) fn push(&mut self, rec: Record, done: bool) {
+    /// Notes a record just consumed from `cons`; `done` when nothing will read it any more.
+    /// When no earlier record is held, the padding the cursor skipped in front of `rec` is
+    /// released at once (see [`Consumer::release_before`]); returns the producer's word when
+    /// it sleeps waiting for room (the caller wakes it).
+    pub(crate) fn push<'a, R: Memory>(
+        &mut self,
+        cons: &'a mut Consumer<R>,
+        rec: Record,
+        done: bool,
+    ) -> Option<&'a R::U32> {
+        let freed = self.taken.is_empty() && cons.release_before(Some(rec));
         self.taken.push_back((rec, done));
+        if freed {
+            cons.wake_needed()
+        } else {
+            None
+        }
     }
 
     /// The record at `pos` is done.
@@ -27,16 +41,23 @@ impl Outstanding {
         }
     }
 
-    /// Releases every leading record that is done, in one `head` store; returns the
-    /// producer's word when it sleeps waiting for room (the caller wakes it).
+    /// Releases every leading record that is done, and the padding up to the first one still
+    /// in use (or up to the cursor), in one `head` store; returns the producer's word when it
+    /// sleeps waiting for room (the caller wakes it).
     pub(crate) fn sweep<'a, R: Memory>(&mut self, cons: &'a mut Consumer<R>) -> Option<&'a R::U32> {
-        let mut last = None;
-        while let Some(&(rec, true)) = self.taken.front() {
-            last = Some(rec);
+        let mut any = false;
+        while let Some(&(_, true)) = self.taken.front() {
             self.taken.pop_front();
+            any = true;
         }
-        cons.release_through(last?);
-        cons.wake_needed()
+        if !any {
+            return None;
+        }
+        if cons.release_before(self.taken.front().map(|&(rec, _)| rec)) {
+            cons.wake_needed()
+        } else {
+            None
+        }
     }
 }
 
@@ -79,7 +100,7 @@ mod tests {
             g.write(&[i; 40]);
             g.commit();
             let rec = c.pop().unwrap().unwrap();
-            taken.push(rec, false);
+            let _ = taken.push(&mut c, rec, false);
             recs.push(rec);
         }
         // Four 64-byte records fill the 256 bytes: another does not fit until a release.

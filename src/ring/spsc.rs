@@ -47,15 +47,17 @@
 //! fault every few dozen small records). Once `tail` is [`HOT_WINDOW`] bytes or more into the
 //! data area, the producer starts the next record (if it is at most [`HOT_MAX_RECORD`] bytes)
 //! at offset 0, padding out the rest of the lap, which the consumer skips with one read,
-//! whenever the consumer has released enough for it. A
-//! channel whose consumer keeps up thus cycles through the same cache-warm lines and pages; one
-//! whose consumer falls behind still gets the whole ring. The producer reloads `head` for this
-//! at most once per [`HOT_RECHECK`] bytes, so a consumer that lags costs a load now and then.
+//! whenever the consumer has released everything (it then holds nothing in front of the
+//! padding). A channel whose consumer keeps up thus cycles through the same cache-warm lines
+//! and pages; one whose consumer falls behind, or keeps messages, still gets the whole ring.
+//! The producer reloads `head` for this at most once per [`HOT_RECHECK`] bytes, so a consumer
+//! that lags costs a load now and then.
 //!
 //! The price: right after an early wrap the padding counts as unreleased until the consumer
 //! reads past it, so a producer that then runs ahead of a consumer that is not reading has the
 //! lap it wrapped at (at least `HOT_WINDOW` bytes), not the whole ring, until the consumer
-//! moves on.
+//! moves on. Once it has, [`Consumer::release_before`] gives the padding back even while the
+//! consumer holds the records after it.
 //!
 //! The algorithm is the classic Lamport ring with cached indices (as in folly's
 //! `ProducerConsumerQueue` and rigtorp's `SPSCQueue`), over variable-size records with a commit
@@ -587,13 +589,13 @@ impl<R: Memory> Producer<R> {
             // Far enough in: start over at offset 0 if the consumer has released enough (see
             // Hot window), reloading `head` for it at most once per `HOT_RECHECK` bytes.
             let pad = cap - off;
-            if self.fits(pad + size) {
+            if self.wraps_early(pad + size) {
                 return Ok(Some((pad, size)));
             }
             if self.tail >= self.wrap_check {
                 self.wrap_check = self.tail + HOT_RECHECK;
                 self.reload_head()?;
-                if self.fits(pad + size) {
+                if self.wraps_early(pad + size) {
                     return Ok(Some((pad, size)));
                 }
             }
@@ -606,6 +608,15 @@ impl<R: Memory> Producer<R> {
             }
         }
         Ok(Some((pad, size)))
+    }
+
+    /// Whether to wrap early, padding `need` bytes less the record: by the cached `head`, the
+    /// consumer holds nothing (see Hot window) and there is room. A consumer that held records
+    /// in front of the padding would leave the producer only the room before the oldest of
+    /// them until it released them all; holding nothing, it releases the padding as soon as it
+    /// reads past it (`Consumer::release_before`), and the whole ring is the producer's again.
+    fn wraps_early(&self, need: usize) -> bool {
+        self.tail == self.cached_head && self.fits(need)
     }
 
     /// Whether `need` more bytes fit after `tail`, by the cached `head`.
@@ -1008,6 +1019,30 @@ impl<R: Memory> Consumer<R> {
         if rec.end() > self.head {
             self.publish_head(rec.end());
         }
+    }
+
+    /// Hands back everything before `oldest`, the oldest record still in use (`None`: every
+    /// consumed record is done). Unlike [`release_through`](Self::release_through) this also
+    /// frees padding the cursor skipped in front of `oldest`: after an early wrap (see Hot
+    /// window) that padding is most of a lap, and holding it until `oldest` is released would
+    /// leave the producer a fraction of the ring while the application keeps a few messages.
+    ///
+    /// # Panics
+    ///
+    /// If `oldest` is not a record this consumer consumed and has not released.
+    ///
+    /// Returns whether `head` moved.
+    pub(crate) fn release_before(&mut self, oldest: Option<Record>) -> bool {
+        let to = oldest.map_or(self.read, |r| r.pos);
+        assert!(
+            to <= self.read && to >= self.head,
+            "release_before takes a consumed, unreleased record"
+        );
+        let moved = to > self.head;
+        if moved {
+            self.publish_head(to);
+        }
+        moved
     }
 
     /// Copies `rec`'s payload into `dst`.
@@ -1772,6 +1807,63 @@ mod tests {
             more += 1;
         }
         assert_eq!(more, cap / size, "the whole ring");
+    }
+
+    /// A consumer that holds records keeps the producer from wrapping early, and the padding
+    /// of a wrap goes back as soon as the consumer reads past it, whatever it holds after it:
+    /// the producer always has the ring less what is held.
+    #[test]
+    fn held_records_do_not_shrink_the_ring() {
+        let cap = 4 * HOT_WINDOW;
+        let (mut p, mut c) = pair(cap);
+        let size = 16 << 10;
+        let data = payload(3, size - RECORD_HEADER);
+        // Past the window with one record held (taken just before it): no early wrap.
+        let mut taken = crate::ring::release::Outstanding::default();
+        let first = loop {
+            assert!(push(&mut p, &data));
+            let rec = c.pop().unwrap().unwrap();
+            if c.ring.offset(rec.pos()) + 2 * size >= HOT_WINDOW {
+                break rec;
+            }
+            let _ = taken.push(&mut c, rec, true);
+            let _ = taken.sweep(&mut c);
+        };
+        let _ = taken.push(&mut c, first, false);
+        while c.ring.offset(p.tail) < HOT_WINDOW + size {
+            assert!(push(&mut p, &data));
+            let rec = c.pop().unwrap().unwrap();
+            let _ = taken.push(&mut c, rec, true);
+        }
+        assert!(push(&mut p, &data));
+        let rec = c.pop().unwrap().unwrap();
+        assert_ne!(c.ring.offset(rec.pos()), 0, "wrapped with a record held");
+        let _ = taken.push(&mut c, rec, true);
+        taken.done(first.pos());
+        let _ = taken.sweep(&mut c);
+
+        // Nothing held: the next look at `head` wraps.
+        let mut wrapped = None;
+        for _ in 0..HOT_RECHECK as usize / size + 1 {
+            assert!(push(&mut p, &data));
+            let rec = c.pop().unwrap().unwrap();
+            if c.ring.offset(rec.pos()) == 0 {
+                wrapped = Some(rec);
+                break;
+            }
+            let _ = taken.push(&mut c, rec, true);
+            let _ = taken.sweep(&mut c);
+        }
+        let wrapped = wrapped.expect("an early wrap");
+        // The consumer keeps the record after the padding, and everything it reads next.
+        let _ = taken.push(&mut c, wrapped, false);
+        let mut more = 1;
+        while push(&mut p, &data) {
+            let rec = c.pop().unwrap().unwrap();
+            let _ = taken.push(&mut c, rec, false);
+            more += 1;
+        }
+        assert_eq!(more, cap / size, "the whole ring, less nothing");
     }
 
     #[test]

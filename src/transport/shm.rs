@@ -36,7 +36,7 @@ use crate::message::{Bytes, Lender, Lent, Packet};
 use crate::proto::frame::HandleDesc;
 use crate::ring::release::{self, Outstanding};
 use crate::ring::shm::ShmRegion;
-use crate::ring::spsc::{region_len, Consumer, Detached, Grant, Producer};
+use crate::ring::spsc::{region_len, Consumer, Detached, Grant, Producer, Record};
 use crate::ring::Corrupt;
 use crate::sys::{futex_wait, futex_wake};
 
@@ -528,7 +528,7 @@ impl RingIn {
         let mut bytes = Bytes::with_capacity(rec.len());
         bytes.resize(rec.len(), 0);
         st.cons.copy_to(rec, &mut bytes);
-        st.outstanding.push(rec, true);
+        Self::took(st, rec, true);
         Self::sweep(st);
         if bytes.len() < TAG_LEN {
             return Ok(Some(Staged {
@@ -588,7 +588,7 @@ impl RingIn {
                 unread.extend(parse_handles(&bytes[TAG_LEN..]).ok().map(|(d, _)| d));
             }
             st.cons.consume(rec);
-            st.outstanding.push(rec, true);
+            Self::took(st, rec, true);
         }
         Self::sweep(st);
         unread
@@ -603,6 +603,14 @@ impl RingIn {
             self.finished.store(true, Ordering::Release);
         }
         handles
+    }
+
+    /// Notes a record just consumed (see `Outstanding::push`), and wakes a sender waiting
+    /// for room if that released some.
+    fn took(st: &mut InState, rec: Record, done: bool) {
+        if let Some(word) = st.outstanding.push(&mut st.cons, rec, done) {
+            let _ = futex_wake(word, 1);
+        }
     }
 
     /// Releases every leading record that is done, and wakes a sender waiting for room.
@@ -732,7 +740,7 @@ impl Lane for RingIn {
                         Some(Err(what)) => return self.corrupt(st, Corrupt::new(what)),
                         None => unreachable!("parsed above for this tag"),
                     };
-                    st.outstanding.push(rec, false);
+                    Self::took(&mut st, rec, false);
                     drop(st);
                     let Some(handles) = self.import(&descs) else {
                         return LanePop::Done;
@@ -761,7 +769,7 @@ impl Lane for RingIn {
                 Some(TAG_MESSAGE) => {
                     let ptr = payload;
                     let len = rec.len() - TAG_LEN;
-                    st.outstanding.push(rec, false);
+                    Self::took(&mut st, rec, false);
                     drop(st);
                     let lender: Arc<dyn Lender> =
                         self.me.upgrade().expect("a lane in use is alive");
@@ -778,7 +786,7 @@ impl Lane for RingIn {
                     });
                 }
                 Some(TAG_ON_SOCKET) => {
-                    st.outstanding.push(rec, true);
+                    Self::took(&mut st, rec, true);
                     Self::sweep(&mut st);
                     st.on_socket += 1;
                     st.on_socket_seq.push_back(seq);
