@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::inbox::{Entry, Inbox, PopError, PushError, Wait};
 use super::source::Outlet;
 use crate::error::Error;
-use crate::message::Packet;
+use crate::message::{Lent, Packet};
 use crate::proto::frame::{MAX_FDS, MAX_HANDLES};
 
 /// One entry of a message's handle table.
@@ -134,6 +134,12 @@ impl RecvCore {
 
     pub(crate) fn pop(&self, wait: Wait) -> Result<Entry, PopError> {
         self.0.pop(wait)
+    }
+
+    /// See [`Inbox::take_lent`].
+    #[inline]
+    pub(crate) fn take_lent(&self) -> Option<Lent> {
+        self.0.take_lent()
     }
 }
 

@@ -373,6 +373,16 @@ impl Inbox {
         }
     }
 
+    /// The receive fast path (see [`Lane::take_lent`]): a plain message lent in place by the
+    /// only lane, if one is there; `None` sends the caller through [`pop`](Self::pop).
+    #[inline]
+    pub(crate) fn take_lent(&self) -> Option<Lent> {
+        if !self.solo_only.load(Ordering::Acquire) {
+            return None;
+        }
+        self.solo.get()?.take_lent()
+    }
+
     /// Takes the next message, waiting as `wait` allows.
     pub(crate) fn pop(&self, wait: Wait) -> Result<Entry, PopError> {
         let mut spun = false;

@@ -12,7 +12,9 @@ use rkyv::{Archive, Deserialize, Place, Serialize};
 use super::handle::{Handle, RecvCore};
 use super::inbox::{Entry, PopError, Wait};
 use crate::error::{InvalidMessage, RecvError, RecvTimeoutError, TakeError, TryRecvError};
-use crate::message::{self, fingerprint, ArchivedHandle, Body, HandleIndex, Message, Validated};
+use crate::message::{
+    self, fingerprint, ArchivedHandle, Body, HandleIndex, Lent, Message, Validated,
+};
 
 /// The receiving end of a channel.
 ///
@@ -136,6 +138,9 @@ impl<T: Message> Receiver<T> {
     }
 
     fn recv_with(&self, wait: Wait) -> Result<Msg<T>, RecvTimeoutError> {
+        if let Some(lent) = self.core.take_lent() {
+            return Msg::from_lent(lent).map_err(RecvTimeoutError::Invalid);
+        }
         let entry = self.core.pop(wait).map_err(|e| match e {
             PopError::Empty | PopError::Timeout => RecvTimeoutError::Timeout,
             PopError::Closed => RecvTimeoutError::Closed,
@@ -168,6 +173,14 @@ impl<T: Message> Msg<T> {
         Ok(Self {
             archive,
             handles: Mutex::new(handles),
+        })
+    }
+
+    /// A message that carries no handles, read in place (the receive fast path).
+    fn from_lent(lent: Lent) -> Result<Self, InvalidMessage> {
+        Ok(Self {
+            archive: Validated::new(Body::Lent(lent))?,
+            handles: Mutex::new(Vec::new()),
         })
     }
 

@@ -10,7 +10,7 @@ use std::any::Any;
 use std::sync::atomic::AtomicU32;
 
 use super::inbox::{Entry, Inbox, PushError, Wait};
-use crate::message::Packet;
+use crate::message::{Lent, Packet};
 
 /// What a call to [`Feed::drive`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,13 @@ pub(crate) enum LanePop {
 pub(crate) trait Lane: Send + Sync {
     /// Takes the next message, if there is one.
     fn try_pop(&self) -> LanePop;
+
+    /// The receive fast path: the next message when it is a plain archive lent in place (no
+    /// handles, nothing on the socket before it, nothing to wait for) and the lane is free;
+    /// `None` otherwise, and the caller goes the general way through [`try_pop`](Self::try_pop).
+    fn take_lent(&self) -> Option<Lent> {
+        None
+    }
 
     /// Cheap check: `try_pop` would not return `Empty` (it may still, spuriously).
     fn ready(&self) -> bool;

@@ -630,6 +630,36 @@ impl Lender for RingIn {
 }
 
 impl Lane for RingIn {
+    fn take_lent(&self) -> Option<Lent> {
+        // Copy-out mode never lends; a receiver on another thread holding the lane, a message
+        // on the socket first, a record to wait for, or anything but a plain message: the
+        // general path (`try_pop`) decides.
+        if self.untrusted || self.finished.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut st = self.state.try_lock().ok()?;
+        if st.on_socket > 0 {
+            return None;
+        }
+        let rec = st.cons.peek().ok()??;
+        // SAFETY: not copy-out mode: a trusted same-uid producer (as in `try_pop`).
+        let bytes = unsafe { st.cons.bytes(rec) };
+        if bytes.len() < TAG_LEN
+            || bytes[..4] != TAG_MESSAGE.to_le_bytes()
+            || tag_rings(bytes) > self.rings_seen.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        let lender: Arc<dyn Lender> = self.me.upgrade()?;
+        let ptr = bytes.as_ptr().wrapping_add(TAG_LEN);
+        st.cons.consume(rec);
+        Self::took(&mut st, rec, false);
+        drop(st);
+        // SAFETY: as in `try_pop` for TAG_MESSAGE: 16-byte aligned, unchanged until
+        // `give_back(rec.pos())`.
+        Some(unsafe { Lent::new(ptr, rec.len() - TAG_LEN, rec.pos(), lender) })
+    }
+
     fn try_pop(&self) -> LanePop {
         if self.finished.load(Ordering::Acquire) {
             return LanePop::Done;
