@@ -526,7 +526,60 @@ impl<R: Memory> Producer<R> {
     /// Reserves the record `room` describes: what [`room_for`](Self::room_for) returned last,
     /// with no reservation in between (the producer's `tail` must not have moved).
     pub(crate) fn reserve_room(&mut self, room: Room) -> Grant<'_, R> {
-        let Room { pad, size, len } = room;
+        let pos = self.take_room(room);
+        self.publish_tail();
+        Grant {
+            producer: self,
+            pos,
+            len: room.len,
+        }
+    }
+
+    /// Reserves the record `room` describes as [`reserve_room`](Self::reserve_room), detached
+    /// at once (see [`Grant::detach`]), without moving the shared `tail` yet: the consumer
+    /// learns of the record when it is committed or abandoned, or when a record reserved
+    /// behind it is. A consumer that has caught up thus waits on the tail line alone while
+    /// the record is filled, instead of reading the record's own line and pulling it back and
+    /// forth between the cores as the producer writes it (a loan is filled by the application,
+    /// for as long as it takes).
+    pub(crate) fn reserve_detached(&mut self, room: Room) -> Detached {
+        let pos = self.take_room(room);
+        Detached { pos, len: room.len }
+    }
+
+    /// Writes `data` at `offset` into the payload of the detached reservation `d`.
+    ///
+    /// # Panics
+    ///
+    /// If `offset + data.len()` exceeds the reservation.
+    pub(crate) fn write_detached(&self, d: &Detached, offset: usize, data: &[u8]) {
+        let end = offset.checked_add(data.len());
+        assert!(
+            end.is_some_and(|end| end <= d.len),
+            "write of {} bytes at {offset} overruns a {}-byte reservation",
+            data.len(),
+            d.len
+        );
+        let off = self.ring.offset(d.pos) + RECORD_HEADER + offset;
+        // SAFETY: as in `Grant::write_at`: inside the data area, and reserved by `d`, not
+        // committed, so the consumer does not access these bytes.
+        unsafe { self.ring.region.write(off, data) };
+    }
+
+    /// Moves the shared `tail` over every record reserved so far.
+    fn publish_tail(&self) {
+        // Release: pairs with the Acquire load of `tail` in `Consumer::scan`: the padding and
+        // the commit words written before (zeroed or committed) are visible to a consumer that
+        // sees this `tail`.
+        self.ring
+            .index(Line::Tail)
+            .store(self.tail, Ordering::Release);
+    }
+
+    /// Takes `room` after `tail` (padding first, the record's commit word zeroed) and returns
+    /// the record's position; the caller publishes the new `tail`.
+    fn take_room(&mut self, room: Room) -> u64 {
+        let Room { pad, size, len: _ } = room;
         debug_assert!(
             self.tail - self.cached_head + (pad + size) as u64 <= self.ring.cap as u64,
             "a stale room"
@@ -541,21 +594,12 @@ impl<R: Memory> Producer<R> {
         }
         let pos = self.tail + pad as u64;
         // Relaxed: the word may still hold bytes from the previous lap; zero marks the record
-        // "reserved, not committed" and is published by the Release store of `tail` below.
+        // "reserved, not committed" and is published by the caller's Release store of `tail`.
         self.ring
             .word(self.ring.offset(pos))
             .store(0, Ordering::Relaxed);
         self.tail = pos + size as u64;
-        // Release: pairs with the Acquire load of `tail` in `Consumer::scan`: the padding and the
-        // zeroed commit word above are visible to a consumer that sees this `tail`.
-        self.ring
-            .index(Line::Tail)
-            .store(self.tail, Ordering::Release);
-        Grant {
-            producer: self,
-            pos,
-            len,
-        }
+        pos
     }
 
     /// Whether [`reserve`](Self::reserve)`(len)` would succeed now: false if the ring is full
@@ -866,6 +910,8 @@ impl<R: Memory> Producer<R> {
     /// If `n > d.len()`.
     pub(crate) fn commit_detached(&self, d: Detached, n: usize) {
         self.ring.commit_len(d.pos, d.len, n);
+        // A reservation from `reserve_detached` may not be covered by `tail` yet.
+        self.publish_tail();
     }
 
     /// Turns a detached reservation into padding, as dropping a [`Grant`] does.
@@ -875,6 +921,7 @@ impl<R: Memory> Producer<R> {
         self.ring
             .word(off)
             .store(TAG_PAD | record_size(d.len) as u32, Ordering::Release);
+        self.publish_tail();
     }
 }
 
@@ -2028,6 +2075,49 @@ mod tests {
             "abandoned: skipped"
         );
         assert_eq!(c.pop(), Ok(None));
+    }
+
+    /// A reservation made detached is not shown to the consumer until it is finished, or a
+    /// record behind it is reserved; then the consumer waits at it, as at any detached one.
+    #[test]
+    fn quiet_detached_reservations_are_shown_when_finished() {
+        let (mut p, mut c) = pair(256);
+        let room = p.room_for(40).unwrap().unwrap();
+        let first = p.reserve_detached(room);
+        p.write_detached(&first, 0, &payload(1, 40));
+        assert_eq!(c.is_empty(), Ok(true));
+        assert_eq!(
+            p.ring.index(Line::Tail).load(Ordering::Relaxed),
+            0,
+            "tail not moved yet"
+        );
+        p.commit_detached(first, 40);
+        assert_eq!(pop_vec(&mut c).unwrap(), payload(1, 40));
+
+        let room = p.room_for(24).unwrap().unwrap();
+        let second = p.reserve_detached(room);
+        assert!(push(&mut p, &payload(3, 8)), "reserved behind it");
+        assert_eq!(
+            c.pop(),
+            Ok(None),
+            "the consumer waits at the unfinished one"
+        );
+        p.abandon_detached(second);
+        assert_eq!(
+            pop_vec(&mut c).unwrap(),
+            payload(3, 8),
+            "abandoned: skipped"
+        );
+        assert_eq!(c.pop(), Ok(None));
+    }
+
+    #[test]
+    #[should_panic(expected = "overruns")]
+    fn detached_writes_stay_inside_the_reservation() {
+        let (mut p, _c) = pair(256);
+        let room = p.room_for(16).unwrap().unwrap();
+        let d = p.reserve_detached(room);
+        p.write_detached(&d, 8, &[0; 9]);
     }
 
     #[test]

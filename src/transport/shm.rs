@@ -36,7 +36,7 @@ use crate::message::{Bytes, Lender, Lent, Packet};
 use crate::proto::frame::HandleDesc;
 use crate::ring::release::{self, Outstanding};
 use crate::ring::shm::ShmRegion;
-use crate::ring::spsc::{region_len, Consumer, Detached, Grant, Producer, Record};
+use crate::ring::spsc::{region_len, Consumer, Detached, Grant, Producer, Record, Room};
 use crate::ring::Corrupt;
 use crate::sys::{futex_wait, futex_wake};
 
@@ -202,10 +202,10 @@ impl RingOut {
         wait: Wait,
         stop: &dyn Fn() -> bool,
     ) -> Result<(Detached, *mut u8), RingWriteError> {
-        let total = TAG_LEN + len;
-        let mut grant = self.reserve(total, wait, stop)?;
-        grant.write_at(0, &tag_bytes(TAG_MESSAGE, stamp));
-        let d = grant.detach();
+        let room = self.room(TAG_LEN + len, wait, stop)?;
+        let d = self.prod.reserve_detached(room);
+        self.prod
+            .write_detached(&d, 0, &tag_bytes(TAG_MESSAGE, stamp));
         let at = self.prod.detached_ptr(&d).wrapping_add(TAG_LEN);
         Ok((d, at))
     }
@@ -235,6 +235,17 @@ impl RingOut {
         wait: Wait,
         stop: &dyn Fn() -> bool,
     ) -> Result<Grant<'_, ShmRegion>, RingWriteError> {
+        let room = self.room(len, wait, stop)?;
+        Ok(self.prod.reserve_room(room))
+    }
+
+    /// Finds room for a record of `len` bytes, waiting for it as `wait` allows.
+    fn room(
+        &mut self,
+        len: usize,
+        wait: Wait,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Room, RingWriteError> {
         let room = match self.prod.room_for(len).map_err(RingWriteError::Corrupt)? {
             Some(room) => room,
             None => {
@@ -246,7 +257,7 @@ impl RingOut {
                     .expect("room vanished under the only producer")
             }
         };
-        Ok(self.prod.reserve_room(room))
+        Ok(room)
     }
 
     /// Waits until a record of `len` bytes fits, as `wait` allows.
