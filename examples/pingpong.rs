@@ -44,7 +44,8 @@
 //!   waking one that went idle a moment ago (the hypervisor polls a halted vCPU briefly
 //!   before it deschedules it), so a floor whose sides sleep only for a wake-up would measure
 //!   a cheaper wake-up than the one libchan's side is given.
-//! * `stream`: K messages one way (after W warm-up ones), then one acknowledgement back;
+//! * `stream`: K messages one way (after W warm-up ones: by default at least 8 MiB, once
+//!   round a shm channel's ring), then one acknowledgement back;
 //!   the clock runs from the first message to the acknowledgement. Reports msgs/s, bytes/s.
 //!
 //! `--loan` makes every libchan side send raw bytes through `Sender::<Vec<u8>>::loan` (8
@@ -1280,6 +1281,17 @@ fn default_iters(mode: Mode, size: usize) -> usize {
     }
 }
 
+/// A tenth of the measured messages, from 100 to 10 000; for streams, at least 8 MiB of
+/// traffic, so that a ring channel has gone once around its 4 MiB ring (whose pages are touched
+/// for the first time on that lap) before the clock starts.
+fn default_warmup(mode: Mode, size: usize, iters: usize) -> usize {
+    let tenth = (iters / 10).clamp(100, 10_000);
+    match mode {
+        Mode::Stream => tenth.max((8 << 20) / (size + 64)),
+        Mode::Rtt | Mode::RttParked => tenth,
+    }
+}
+
 fn parse_size(s: &str) -> Res<usize> {
     let (num, mul) = match s.as_bytes().last() {
         Some(b'k' | b'K') => (&s[..s.len() - 1], 1024),
@@ -1432,7 +1444,7 @@ fn parent_main(args: &[String]) -> Res<()> {
             }
             for &size in &sizes {
                 let iters = iters.unwrap_or_else(|| default_iters(mode, size));
-                let warmup = warmup.unwrap_or((iters / 10).clamp(100, 10_000));
+                let warmup = warmup.unwrap_or_else(|| default_warmup(mode, size, iters));
                 let run = Run {
                     transport,
                     mode,
