@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use super::local::LocalRing;
 use super::source::{CreditSink, Drive, Feed, Lane, LanePop};
-use crate::message::{Body, Lent, Packet};
+use crate::message::{Body, Bytes, Lent, Packet};
 use crate::sys;
 
 /// One queued message and, when it came from a session, where to return its credit.
@@ -44,6 +44,18 @@ impl Entry {
             packet,
             credit: None,
             lent: None,
+        }
+    }
+
+    /// A plain message lent in place by a ring (see [`Inbox::take_lent`]).
+    pub(crate) fn lent(lent: Lent) -> Self {
+        Self {
+            packet: Packet {
+                bytes: Bytes::new(),
+                handles: Vec::new(),
+            },
+            credit: None,
+            lent: Some(lent),
         }
     }
 
@@ -597,7 +609,13 @@ impl Inbox {
     /// `pop` for an inbox fed by rings: lanes first, without the lock, then the queue.
     fn pop_lanes(&self, wait: Wait) -> Result<Entry, PopError> {
         let mut spun = false;
+        // A plain message the readiness check below took while it looked (the receive fast
+        // path, `take_lent`): the spin ends with the message in hand, not just the news of it.
+        let caught: std::cell::Cell<Option<Lent>> = std::cell::Cell::new(None);
         loop {
+            if let Some(lent) = caught.take() {
+                return Ok(Entry::lent(lent));
+            }
             if let Some(e) = self.poll_lanes() {
                 return Ok(e);
             }
@@ -638,6 +656,16 @@ impl Inbox {
                 f.drive(Wait::No, &|| true);
             }
             let ready = || {
+                let held = caught.take();
+                let have = held.is_some();
+                caught.set(held);
+                if have {
+                    return true;
+                }
+                if let Some(lent) = self.take_lent() {
+                    caught.set(Some(lent));
+                    return true;
+                }
                 self.lanes_ready()
                     || self.len.load(Ordering::Acquire) != 0
                     || self.open_senders.load(Ordering::Acquire) == 0
