@@ -273,50 +273,6 @@ fn ten_thousand_nested_channels_cost_no_fds() {
 }
 
 /// The name of the mapping of this process that contains `addr`, if any.
-/// Messages held by the receiver and dropped in any order give their ring room back, and
-/// messages that travel on the socket (too large for the ring) keep their place among those
-/// read in place. Six rounds of 1 MiB go through a 4 MiB ring: room that was not given back
-/// would stall the sender.
-#[test]
-fn held_messages_free_their_room_in_any_order() {
-    with_timeout(Duration::from_secs(60), || {
-        let (a, b) = libchan::Session::pair().unwrap();
-        assert_eq!(a.transport(), Transport::Shm);
-        let tx = a.open_channel::<Vec<u8>>().unwrap();
-        let rx = b.accept_channel::<Vec<u8>>().unwrap();
-        let fill = |round: u8, i: u8| round.wrapping_mul(31) ^ i;
-        let len = |i: u8| if i == 32 { 3 << 20 } else { 16 << 10 };
-        let sender = thread::spawn(move || {
-            for round in 0..6u8 {
-                for i in 0..65u8 {
-                    tx.send(vec![fill(round, i); len(i)]).unwrap();
-                }
-            }
-        });
-        for round in 0..6u8 {
-            let mut held: Vec<_> = (0..65u8)
-                .map(|i| {
-                    let m = rx.recv().unwrap();
-                    assert_eq!(m.len(), len(i), "round {round}, message {i}");
-                    let want = fill(round, i);
-                    assert!(m.iter().all(|&x| x == want), "round {round}, message {i}");
-                    Some(m)
-                })
-                .collect();
-            // Every third first, then the rest from the back.
-            for i in (0..held.len()).step_by(3).chain((0..held.len()).rev()) {
-                drop(held[i].take());
-            }
-        }
-        sender.join().unwrap();
-        assert_eq!(
-            rx.try_recv().unwrap_err(),
-            libchan::TryRecvError::Closed,
-            "nothing more, and the sender is gone"
-        );
-    });
-}
-
 fn mapping_of(addr: usize) -> Option<String> {
     let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
     maps.lines().find_map(|l| {

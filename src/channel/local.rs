@@ -4,8 +4,8 @@
 //! an in-process message travels exactly like a shared-memory one: serialized straight into a
 //! ring record by the sender, validated and read in place by the receiver, the record handed
 //! back when the `Msg` drops, in any order. Handles (channel ends, fds) are Rust objects and
-//! cannot live in ring bytes: a message that carries them, or that is larger than half the
-//! ring, goes as a boxed packet whose pointer is the record (the ring is private to this
+//! cannot live in ring bytes: a message that carries them, or that is larger than an eighth of
+//! the ring, goes as a boxed packet whose pointer is the record (the ring is private to this
 //! process, so a pointer is a fine payload); order is the ring's either way.
 //!
 //! The channel is bounded twice: by its capacity in messages (as `pipe_with_capacity` says) and
@@ -36,6 +36,15 @@ const MAX_SLEEP: Duration = Duration::from_millis(50);
 const SPIN: Duration = Duration::from_micros(10);
 
 type Region = Arc<HeapRegion>;
+
+/// The largest record that goes in the ring itself: an eighth of it. Larger messages go
+/// boxed, so that a receiver that keeps several of them (each `Msg` read in place holds its
+/// record until it drops) does not fill the ring and stall its sender: a boxed message holds
+/// 48 bytes of ring. The archive is written once either way (into the ring, or into the
+/// box's buffer), and read in place either way.
+fn in_ring(prod: &Producer<Region>) -> usize {
+    (prod.capacity() / 8).min(prod.max_len())
+}
 
 /// The ring behind an in-process channel's local senders.
 pub(crate) struct LocalRing {
@@ -121,7 +130,7 @@ impl LocalRing {
         gone: &dyn Fn() -> bool,
     ) -> Result<(), PushError> {
         let mut prod = self.prod();
-        let in_place = packet.handles.is_empty() && packet.bytes.len() + TAG_LEN <= prod.max_len();
+        let in_place = packet.handles.is_empty() && packet.bytes.len() + TAG_LEN <= in_ring(&prod);
         let len = if in_place {
             TAG_LEN + packet.bytes.len()
         } else {
@@ -160,7 +169,11 @@ impl LocalRing {
         encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
     ) -> Option<Result<(), PushError>> {
         let mut prod = self.prod();
-        let len = (TAG_LEN + estimate).min(prod.max_len());
+        let len = TAG_LEN + estimate;
+        if len > in_ring(&prod) {
+            // Boxed instead, by the caller's fallback (see `in_ring`).
+            return None;
+        }
         if let Err(e) = self.wait_room(&mut prod, len, wait, gone) {
             return Some(Err(e));
         }

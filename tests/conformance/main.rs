@@ -59,6 +59,7 @@ macro_rules! conformance {
             robust::c26_try_send_fills_then_drains,
             robust::c26_blocking_send_waits_for_receiver,
             robust::c27_loans_arrive_in_order,
+            robust::c28_held_messages_do_not_stall_the_sender,
         );
     };
     (@cases $name:ident, $transport:ty;

@@ -609,3 +609,40 @@ pub fn c27_loans_arrive_in_order<X: Transport>() {
     join(peer);
     assert_eq!(end(&rx), RecvTimeoutError::Closed);
 }
+
+/// Case 28 (libchan's rings): a receiver may keep received messages and still get the next
+/// ones. Each round it holds 65 messages (a quarter of a shared-memory ring, several in-process
+/// rings' worth, one 3 MiB) before it drops them in a scrambled order; six rounds go through,
+/// so room that a ring did not give back, or a wrap that held it, would stall the sender.
+pub fn c28_held_messages_do_not_stall_the_sender<X: Transport>() {
+    let t = X::new();
+    let (tx, rx) = t.channel::<Vec<u8>>();
+    const ROUNDS: u8 = 6;
+    const PER_ROUND: u8 = 65;
+    let len = |i: u8| if i == 32 { 3 << 20 } else { 16 << 10 };
+    let fill = |round: u8, i: u8| round.wrapping_mul(31) ^ i;
+    let peer = spawn("held", move || {
+        for round in 0..ROUNDS {
+            for i in 0..PER_ROUND {
+                tx.send(vec![fill(round, i); len(i)]).expect("send");
+            }
+        }
+    });
+    for round in 0..ROUNDS {
+        let mut held: Vec<_> = (0..PER_ROUND)
+            .map(|i| {
+                let m = next(&rx);
+                assert_eq!(m.len(), len(i), "round {round}, message {i}");
+                let want = fill(round, i);
+                assert!(m.iter().all(|&x| x == want), "round {round}, message {i}");
+                Some(m)
+            })
+            .collect();
+        // Every third first, then the rest from the back.
+        for i in (0..held.len()).step_by(3).chain((0..held.len()).rev()) {
+            drop(held[i].take());
+        }
+    }
+    join(peer);
+    assert_eq!(end(&rx), RecvTimeoutError::Closed);
+}
