@@ -45,8 +45,8 @@ pub type ArchivedReceiver<T> = ArchivedHandle<Receiver<T>>;
 /// On a ring channel (a shared-memory session, or in process) a `Msg` is read where it arrived
 /// and holds that room until it drops. Rings reuse their room in order, so a `Msg` kept for a
 /// long time also holds back the room of everything sent after it: once about a ring's worth
-/// has followed it (4 MiB on a shared-memory session; 256 bytes per message of capacity in
-/// process, at least 4 KiB), the sender waits for room. Keep a message beyond that with
+/// has followed it (4 MiB on a shared-memory session; in process, 256 bytes per message of
+/// capacity, from 4 KiB to 1 MiB), the sender waits for room. Keep a message beyond that with
 /// [`into_owned`](Msg::into_owned), or copy what you need out of it.
 ///
 /// ```

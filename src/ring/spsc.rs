@@ -1073,12 +1073,11 @@ impl<R: Memory> Consumer<R> {
     /// frees padding the cursor skipped in front of `oldest`: after an early wrap (see Hot
     /// window) that padding is most of a lap, and holding it until `oldest` is released would
     /// leave the producer a fraction of the ring while the application keeps a few messages.
+    /// Returns whether `head` moved.
     ///
     /// # Panics
     ///
     /// If `oldest` is not a record this consumer consumed and has not released.
-    ///
-    /// Returns whether `head` moved.
     pub(crate) fn release_before(&mut self, oldest: Option<Record>) -> bool {
         let to = oldest.map_or(self.read, |r| r.pos);
         assert!(
