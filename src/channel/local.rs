@@ -331,6 +331,29 @@ impl Lender for LocalRing {
 }
 
 impl Lane for LocalRing {
+    fn take_lent(&self) -> Option<Lent> {
+        // A boxed packet, a receiver on another thread holding the lock, or a discarded ring:
+        // the general path (`try_pop`) decides.
+        if self.discarded.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut st = self.cons.try_lock().ok()?;
+        let rec = st.cons.peek().ok()??;
+        // SAFETY: as in `take`: the producer is this module's `push`.
+        let bytes = unsafe { st.cons.bytes(rec) };
+        if bytes[..4] != TAG_ARCHIVE.to_le_bytes() {
+            return None;
+        }
+        let lender: Arc<dyn Lender> = self.me.upgrade()?;
+        let (payload, len) = (bytes[TAG_LEN..].as_ptr(), bytes.len() - TAG_LEN);
+        st.cons.consume(rec);
+        self.uncount(&st);
+        Self::took(&mut st, rec, false);
+        drop(st);
+        // SAFETY: as in `take`: 16-byte aligned, unchanged until `give_back(rec.pos())`.
+        Some(unsafe { Lent::new(payload, len, rec.pos(), lender) })
+    }
+
     fn try_pop(&self) -> LanePop {
         if self.discarded.load(Ordering::Acquire) {
             return LanePop::Done;
