@@ -392,7 +392,9 @@ impl Inbox {
         if !self.solo_only.load(Ordering::Acquire) {
             return None;
         }
-        self.solo.get()?.take_lent()
+        self.solo
+            .get()?
+            .take_lent(&|| self.solo_only.load(Ordering::Acquire))
     }
 
     /// Takes the next message, waiting as `wait` allows.
@@ -525,9 +527,11 @@ impl Inbox {
     fn poll_lanes(&self) -> Option<Entry> {
         if self.solo_only.load(Ordering::Acquire) {
             if let Some(solo) = self.solo.get() {
-                match solo.try_pop() {
+                match solo.try_pop_solo(&|| self.solo_only.load(Ordering::Acquire)) {
                     LanePop::Entry(e) => return Some(e),
-                    LanePop::Empty => return None,
+                    LanePop::Empty if self.solo_only.load(Ordering::Acquire) => return None,
+                    // A lane was added meanwhile: the general path below orders them.
+                    LanePop::Empty => {}
                     // Dropped below, with the lock; never the fast path again.
                     LanePop::Done => self.solo_only.store(false, Ordering::Release),
                 }

@@ -331,9 +331,10 @@ impl Lender for LocalRing {
 }
 
 impl Lane for LocalRing {
-    fn take_lent(&self) -> Option<Lent> {
+    fn take_lent(&self, _solo: &dyn Fn() -> bool) -> Option<Lent> {
         // A boxed packet, a receiver on another thread holding the lock, or a discarded ring:
-        // the general path (`try_pop`) decides.
+        // the general path (`try_pop`) decides. (Local records wait for no other lane: `solo`
+        // is not needed.)
         if self.discarded.load(Ordering::Relaxed) {
             return None;
         }

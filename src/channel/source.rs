@@ -60,10 +60,21 @@ pub(crate) trait Lane: Send + Sync {
     /// Takes the next message, if there is one.
     fn try_pop(&self) -> LanePop;
 
+    /// [`try_pop`](Self::try_pop) for an inbox that reads this lane alone: `solo` says
+    /// whether that still holds, and a lane whose records wait for other lanes (see
+    /// `transport::shm`) asks it only once those lanes are known to be added, so that a lane
+    /// added meanwhile is never overtaken. Returns `Empty` when `solo` no longer holds.
+    fn try_pop_solo(&self, solo: &dyn Fn() -> bool) -> LanePop {
+        let _ = solo;
+        self.try_pop()
+    }
+
     /// The receive fast path: the next message when it is a plain archive lent in place (no
     /// handles, nothing on the socket before it, nothing to wait for) and the lane is free;
     /// `None` otherwise, and the caller goes the general way through [`try_pop`](Self::try_pop).
-    fn take_lent(&self) -> Option<Lent> {
+    /// `solo` as for [`try_pop_solo`](Self::try_pop_solo).
+    fn take_lent(&self, solo: &dyn Fn() -> bool) -> Option<Lent> {
+        let _ = solo;
         None
     }
 

@@ -630,48 +630,13 @@ impl RingIn {
             let _ = futex_wake(word, 1);
         }
     }
-}
 
-impl Lender for RingIn {
-    fn give_back(&self, token: u64) {
-        let mut st = self.lock();
-        st.outstanding.done(token);
-        Self::sweep(&mut st);
-    }
-}
-
-impl Lane for RingIn {
-    fn take_lent(&self) -> Option<Lent> {
-        // Copy-out mode never lends; a receiver on another thread holding the lane, a message
-        // on the socket first, a record to wait for, or anything but a plain message: the
-        // general path (`try_pop`) decides.
-        if self.untrusted || self.finished.load(Ordering::Relaxed) {
-            return None;
-        }
-        let mut st = self.state.try_lock().ok()?;
-        if st.on_socket > 0 {
-            return None;
-        }
-        let rec = st.cons.peek().ok()??;
-        // SAFETY: not copy-out mode: a trusted same-uid producer (as in `try_pop`).
-        let bytes = unsafe { st.cons.bytes(rec) };
-        if bytes.len() < TAG_LEN
-            || bytes[..4] != TAG_MESSAGE.to_le_bytes()
-            || tag_rings(bytes) > self.rings_seen.load(Ordering::Acquire)
-        {
-            return None;
-        }
-        let lender: Arc<dyn Lender> = self.me.upgrade()?;
-        let ptr = bytes.as_ptr().wrapping_add(TAG_LEN);
-        st.cons.consume(rec);
-        Self::took(&mut st, rec, false);
-        drop(st);
-        // SAFETY: as in `try_pop` for TAG_MESSAGE: 16-byte aligned, unchanged until
-        // `give_back(rec.pos())`.
-        Some(unsafe { Lent::new(ptr, rec.len() - TAG_LEN, rec.pos(), lender) })
-    }
-
-    fn try_pop(&self) -> LanePop {
+    /// `Lane::try_pop`; with `solo` (the inbox's "this is my only lane" flag), a record is
+    /// taken only if the flag still holds once the record's announced rings are known to be
+    /// dispatched. The rings count is read first: a RING frame is counted after its lane is
+    /// added, so a reader that sees the count sees the inbox's new lane too, and leaves the
+    /// ordering between lanes to the inbox's general path.
+    fn pop_checked(&self, solo: Option<&dyn Fn() -> bool>) -> LanePop {
         if self.finished.load(Ordering::Acquire) {
             return LanePop::Done;
         }
@@ -694,7 +659,7 @@ impl Lane for RingIn {
             }
             if st.copy_out {
                 let staged = match Self::stage(&mut st) {
-                    Ok(Some(s)) if self.held_back(s.rings) => {
+                    Ok(Some(s)) if self.held_back(s.rings) || solo.is_some_and(|f| !f()) => {
                         st.staged = Some(s);
                         return LanePop::Empty;
                     }
@@ -769,7 +734,7 @@ impl Lane for RingIn {
             let (rings, seq) = (tag_rings(bytes), tag_seq(bytes));
             // The payload, as a pointer: it stays valid past `consume` (until released).
             let payload = bytes.as_ptr().wrapping_add(TAG_LEN);
-            if self.held_back(rings) {
+            if self.held_back(rings) || solo.is_some_and(|f| !f()) {
                 return LanePop::Empty;
             }
             let handles = (tag == Some(TAG_HANDLES)).then(|| parse_handles(&bytes[TAG_LEN..]));
@@ -837,6 +802,55 @@ impl Lane for RingIn {
         }
         self.finished.store(true, Ordering::Release);
         LanePop::Done
+    }
+}
+
+impl Lender for RingIn {
+    fn give_back(&self, token: u64) {
+        let mut st = self.lock();
+        st.outstanding.done(token);
+        Self::sweep(&mut st);
+    }
+}
+
+impl Lane for RingIn {
+    fn take_lent(&self, solo: &dyn Fn() -> bool) -> Option<Lent> {
+        // Copy-out mode never lends; a receiver on another thread holding the lane, a message
+        // on the socket first, a record to wait for, or anything but a plain message: the
+        // general path (`try_pop`) decides.
+        if self.untrusted || self.finished.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut st = self.state.try_lock().ok()?;
+        if st.on_socket > 0 {
+            return None;
+        }
+        let rec = st.cons.peek().ok()??;
+        // SAFETY: not copy-out mode: a trusted same-uid producer (as in `try_pop`).
+        let bytes = unsafe { st.cons.bytes(rec) };
+        if bytes.len() < TAG_LEN
+            || bytes[..4] != TAG_MESSAGE.to_le_bytes()
+            || tag_rings(bytes) > self.rings_seen.load(Ordering::Acquire)
+            || !solo()
+        {
+            return None;
+        }
+        let lender: Arc<dyn Lender> = self.me.upgrade()?;
+        let ptr = bytes.as_ptr().wrapping_add(TAG_LEN);
+        st.cons.consume(rec);
+        Self::took(&mut st, rec, false);
+        drop(st);
+        // SAFETY: as in `try_pop` for TAG_MESSAGE: 16-byte aligned, unchanged until
+        // `give_back(rec.pos())`.
+        Some(unsafe { Lent::new(ptr, rec.len() - TAG_LEN, rec.pos(), lender) })
+    }
+
+    fn try_pop(&self) -> LanePop {
+        self.pop_checked(None)
+    }
+
+    fn try_pop_solo(&self, solo: &dyn Fn() -> bool) -> LanePop {
+        self.pop_checked(Some(solo))
     }
 
     fn ready(&self) -> bool {
