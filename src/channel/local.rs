@@ -302,17 +302,17 @@ impl LocalRing {
             let packet = unsafe { Box::from_raw(word as usize as *mut Packet) };
             return Some(Entry::local(*packet));
         }
+        Some(Entry::lent(self.lend(st, rec, payload, len)))
+    }
+
+    /// Lends the archive record `rec`, just consumed and uncounted, whose payload is the `len`
+    /// bytes at `payload`.
+    fn lend(&self, st: &mut ConsState, rec: Record, payload: *const u8, len: usize) -> Lent {
         Self::took(st, rec, false);
         let lender: Arc<dyn Lender> = self.me.upgrade().expect("a ring in use is alive");
         // SAFETY: the payload starts 16 bytes into a 16-byte aligned record and stays unchanged
         // until released, which only `give_back(rec.pos())` does.
-        let lent = unsafe { Lent::new(payload, len, rec.pos(), lender) };
-        let mut entry = Entry::local(Packet {
-            bytes: crate::message::Bytes::new(),
-            handles: Vec::new(),
-        });
-        entry.lent = Some(lent);
-        Some(entry)
+        unsafe { Lent::new(payload, len, rec.pos(), lender) }
     }
 }
 
@@ -345,14 +345,10 @@ impl Lane for LocalRing {
         if bytes[..4] != TAG_ARCHIVE.to_le_bytes() {
             return None;
         }
-        let lender: Arc<dyn Lender> = self.me.upgrade()?;
         let (payload, len) = (bytes[TAG_LEN..].as_ptr(), bytes.len() - TAG_LEN);
         st.cons.consume(rec);
         self.uncount(&st);
-        Self::took(&mut st, rec, false);
-        drop(st);
-        // SAFETY: as in `take`: 16-byte aligned, unchanged until `give_back(rec.pos())`.
-        Some(unsafe { Lent::new(payload, len, rec.pos(), lender) })
+        Some(self.lend(&mut st, rec, payload, len))
     }
 
     fn try_pop(&self) -> LanePop {

@@ -616,6 +616,18 @@ impl RingIn {
         handles
     }
 
+    /// Lends the TAG_MESSAGE record `rec`, just consumed, as the message after its tag.
+    fn lend(&self, mut st: MutexGuard<'_, InState>, rec: Record) -> Lent {
+        // SAFETY: not copy-out mode (the callers check): a trusted same-uid producer.
+        let ptr = unsafe { st.cons.bytes(rec) }.as_ptr().wrapping_add(TAG_LEN);
+        Self::took(&mut st, rec, false);
+        drop(st);
+        let lender: Arc<dyn Lender> = self.me.upgrade().expect("a lane in use is alive");
+        // SAFETY: the payload starts 16 bytes into a 16-byte aligned record, and stays
+        // unchanged until released, which only `give_back(rec.pos())` does.
+        unsafe { Lent::new(ptr, rec.len() - TAG_LEN, rec.pos(), lender) }
+    }
+
     /// Notes a record just consumed (see `Outstanding::push`), and wakes a sender waiting
     /// for room if that released some.
     fn took(st: &mut InState, rec: Record, done: bool) {
@@ -772,25 +784,7 @@ impl RingIn {
                         lent: Some(lent),
                     });
                 }
-                Some(TAG_MESSAGE) => {
-                    let ptr = payload;
-                    let len = rec.len() - TAG_LEN;
-                    Self::took(&mut st, rec, false);
-                    drop(st);
-                    let lender: Arc<dyn Lender> =
-                        self.me.upgrade().expect("a lane in use is alive");
-                    // SAFETY: the payload starts 16 bytes into a 16-byte aligned record, and
-                    // stays unchanged until released, which only `give_back(rec.pos())` does.
-                    let lent = unsafe { Lent::new(ptr, len, rec.pos(), lender) };
-                    return LanePop::Entry(Entry {
-                        packet: Packet {
-                            bytes: Bytes::new(),
-                            handles: Vec::new(),
-                        },
-                        credit: None,
-                        lent: Some(lent),
-                    });
-                }
+                Some(TAG_MESSAGE) => return LanePop::Entry(Entry::lent(self.lend(st, rec))),
                 Some(TAG_ON_SOCKET) => {
                     Self::took(&mut st, rec, true);
                     Self::sweep(&mut st);
@@ -835,14 +829,8 @@ impl Lane for RingIn {
         {
             return None;
         }
-        let lender: Arc<dyn Lender> = self.me.upgrade()?;
-        let ptr = bytes.as_ptr().wrapping_add(TAG_LEN);
         st.cons.consume(rec);
-        Self::took(&mut st, rec, false);
-        drop(st);
-        // SAFETY: as in `try_pop` for TAG_MESSAGE: 16-byte aligned, unchanged until
-        // `give_back(rec.pos())`.
-        Some(unsafe { Lent::new(ptr, rec.len() - TAG_LEN, rec.pos(), lender) })
+        Some(self.lend(st, rec))
     }
 
     fn try_pop(&self) -> LanePop {
