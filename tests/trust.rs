@@ -264,16 +264,20 @@ fn untrusted_keeps_order_across_rings_and_the_socket() {
     });
 }
 
-/// One thread sends 0..6 alternating in threes over two `Sender`s that came over one session
+/// One thread sends 0..12 alternating in threes over two `Sender`s that came over one session
 /// (two rings into one inbox, section 2.21 of docs/ARCHITECTURE.md), both rings new: 3, the
 /// first message of the second ring, must still come before 6, although the second ring's RING
 /// frame may still be in the socket when 6 is in the first ring (records carry how many rings
 /// their sender had announced, and wait for the receiver to have seen as many).
+///
+/// The window is a few nanoseconds wide (section 2.34): before the fix there, 7 to 13 runs in
+/// 5 000 went wrong on a 2-core machine, and 20 runs never did. Hence the many runs.
 #[test]
 fn first_message_of_a_second_ring_keeps_its_place() {
-    with_timeout(Duration::from_secs(30), || {
-        for trust in [Trust::SameUid, Trust::Untrusted] {
-            for run in 0..20 {
+    with_timeout(Duration::from_secs(120), || {
+        for (trust, runs) in [(Trust::SameUid, 4000), (Trust::Untrusted, 1000)] {
+            let mut wrong = Vec::new();
+            for run in 0..runs {
                 let (a, b) = Session::pair_with(&Options::new().trust(trust)).unwrap();
                 let ctrl = b.open_channel::<Sender<u64>>().unwrap();
                 let incoming = a.accept_channel::<Sender<u64>>().unwrap();
@@ -294,8 +298,16 @@ fn first_message_of_a_second_ring_keeps_its_place() {
                     .map(|_| prx.recv_timeout(RECV).unwrap().to_native())
                     .collect();
                 peer.join().unwrap();
-                assert_eq!(got, (0..12).collect::<Vec<_>>(), "{trust:?}, run {run}");
+                if got != (0..12).collect::<Vec<_>>() {
+                    wrong.push((run, got));
+                }
             }
+            assert!(
+                wrong.is_empty(),
+                "{trust:?}: {} of {runs} runs out of order, first {:?}",
+                wrong.len(),
+                wrong.first()
+            );
         }
     });
 }
