@@ -10,10 +10,18 @@
 //!
 //! The channel is bounded twice: by its capacity in messages (as `pipe_with_capacity` says) and
 //! by the ring's bytes.
+//!
+//! The sending and the receiving thread each write only lines of their own: the two locks sit
+//! on separate cache lines, and the count of messages in the channel is two counters, one each
+//! side writes (`sent`, `taken`), rather than one that both change for every message. A sender
+//! reads `taken` only when its last look says the channel is full, the way the ring's producer
+//! reads `head`.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
 
 use super::inbox::{Entry, PushError, Wait};
 use super::source::{Lane, LanePop};
@@ -49,10 +57,13 @@ fn in_ring(prod: &Producer<Region>) -> usize {
 /// The ring behind an in-process channel's local senders.
 pub(crate) struct LocalRing {
     me: Weak<LocalRing>,
-    prod: Mutex<Producer<Region>>,
-    cons: Mutex<ConsState>,
-    /// Messages written and not yet taken by the receiver.
-    count: AtomicUsize,
+    prod: CachePadded<Mutex<ProdState>>,
+    cons: CachePadded<Mutex<ConsState>>,
+    /// Messages written into the ring; only senders change it, under `prod`'s lock.
+    sent: CachePadded<AtomicUsize>,
+    /// Messages taken out of the ring (or dropped with it); only the receiving side changes it,
+    /// under `cons`'s lock. `sent - taken` messages are waiting.
+    taken: CachePadded<AtomicUsize>,
     cap: usize,
     /// The ring's "consumer parked" and "producer parked" words; they point into the region,
     /// which `prod` and `cons` keep alive as long as `self`.
@@ -67,6 +78,13 @@ pub(crate) struct LocalRing {
 unsafe impl Send for LocalRing {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for LocalRing {}
+
+struct ProdState {
+    prod: Producer<Region>,
+    /// `taken` as the senders last read it: the channel has room for a message while
+    /// `sent - taken_seen < cap`, and `taken` is read again only when that says full.
+    taken_seen: usize,
+}
 
 struct ConsState {
     cons: Consumer<Region>,
@@ -86,12 +104,16 @@ impl LocalRing {
         let data_word: *const AtomicU32 = cons.data_word();
         Arc::new_cyclic(|me| LocalRing {
             me: me.clone(),
-            prod: Mutex::new(prod),
-            cons: Mutex::new(ConsState {
+            prod: CachePadded::new(Mutex::new(ProdState {
+                prod,
+                taken_seen: 0,
+            })),
+            cons: CachePadded::new(Mutex::new(ConsState {
                 cons,
                 outstanding: Outstanding::default(),
-            }),
-            count: AtomicUsize::new(0),
+            })),
+            sent: CachePadded::new(AtomicUsize::new(0)),
+            taken: CachePadded::new(AtomicUsize::new(0)),
             cap: cap.max(1),
             data_word,
             room_word,
@@ -99,7 +121,7 @@ impl LocalRing {
         })
     }
 
-    fn prod(&self) -> MutexGuard<'_, Producer<Region>> {
+    fn prod(&self) -> MutexGuard<'_, ProdState> {
         self.prod.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -119,7 +141,16 @@ impl LocalRing {
 
     /// Messages waiting in the ring.
     pub(crate) fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
+        // `taken` first: `sent` is at least what it was when the messages taken were sent.
+        let taken = self.taken.load(Ordering::Acquire);
+        self.sent.load(Ordering::Acquire).saturating_sub(taken)
+    }
+
+    /// Counts a message about to be committed, so the receiver never takes one before it is
+    /// counted. Under `prod`'s lock, the only place `sent` changes.
+    fn count_sent(&self) {
+        let sent = self.sent.load(Ordering::Relaxed);
+        self.sent.store(sent + 1, Ordering::Release);
     }
 
     /// Sends `packet`, waiting for room as `wait` allows; `gone` says the receiver went away.
@@ -129,15 +160,17 @@ impl LocalRing {
         wait: Wait,
         gone: &dyn Fn() -> bool,
     ) -> Result<(), PushError> {
-        let mut prod = self.prod();
-        let in_place = packet.handles.is_empty() && packet.bytes.len() + TAG_LEN <= in_ring(&prod);
+        let mut st = self.prod();
+        let in_place =
+            packet.handles.is_empty() && packet.bytes.len() + TAG_LEN <= in_ring(&st.prod);
         let len = if in_place {
             TAG_LEN + packet.bytes.len()
         } else {
             TAG_LEN + 8
         };
-        self.wait_room(&mut prod, len, wait, gone)?;
-        let mut grant = prod
+        self.wait_room(&mut st, len, wait, gone)?;
+        let mut grant = st
+            .prod
             .reserve(len)
             .ok()
             .flatten()
@@ -150,10 +183,9 @@ impl LocalRing {
             grant.write_at(0, &tag(TAG_BOXED));
             grant.write_at(TAG_LEN, &ptr.to_le_bytes());
         }
-        // Counted before the commit, so the receiver never takes it before it is counted.
-        self.count.fetch_add(1, Ordering::AcqRel);
+        self.count_sent();
         grant.commit();
-        if let Some(w) = prod.wake_needed() {
+        if let Some(w) = st.prod.wake_needed() {
             let _ = futex_wake(w, 1);
         }
         Ok(())
@@ -168,16 +200,17 @@ impl LocalRing {
         gone: &dyn Fn() -> bool,
         encode: &mut dyn FnMut(*mut u8, usize) -> Option<usize>,
     ) -> Option<Result<(), PushError>> {
-        let mut prod = self.prod();
+        let mut st = self.prod();
         let len = TAG_LEN + estimate;
-        if len > in_ring(&prod) {
+        if len > in_ring(&st.prod) {
             // Boxed instead, by the caller's fallback (see `in_ring`).
             return None;
         }
-        if let Err(e) = self.wait_room(&mut prod, len, wait, gone) {
+        if let Err(e) = self.wait_room(&mut st, len, wait, gone) {
             return Some(Err(e));
         }
-        let mut grant = prod
+        let mut grant = st
+            .prod
             .reserve(len)
             .ok()
             .flatten()
@@ -187,13 +220,13 @@ impl LocalRing {
         let at = grant.as_mut_ptr().wrapping_add(TAG_LEN);
         match encode(at, cap) {
             Some(n) if n <= cap => {
-                self.count.fetch_add(1, Ordering::AcqRel);
+                self.count_sent();
                 grant.commit_len(TAG_LEN + n);
             }
             // Dropped uncommitted: it becomes padding.
             _ => return None,
         }
-        if let Some(w) = prod.wake_needed() {
+        if let Some(w) = st.prod.wake_needed() {
             let _ = futex_wake(w, 1);
         }
         Some(Ok(()))
@@ -203,22 +236,26 @@ impl LocalRing {
     /// than its capacity in messages.
     fn wait_room(
         &self,
-        prod: &mut MutexGuard<'_, Producer<Region>>,
+        st: &mut MutexGuard<'_, ProdState>,
         len: usize,
         wait: Wait,
         gone: &dyn Fn() -> bool,
     ) -> Result<(), PushError> {
-        let room = |prod: &mut Producer<Region>| {
-            self.count.load(Ordering::Acquire) < self.cap
+        let room = |st: &mut ProdState| {
+            let sent = self.sent.load(Ordering::Relaxed);
+            if sent.wrapping_sub(st.taken_seen) >= self.cap {
+                st.taken_seen = self.taken.load(Ordering::Acquire);
+            }
+            sent.wrapping_sub(st.taken_seen) < self.cap
                 // A heap ring of our own cannot be corrupt; an error would read as no room.
-                && prod.has_room(len).unwrap_or(false)
+                && st.prod.has_room(len).unwrap_or(false)
         };
         let mut spun = false;
         loop {
             if gone() || self.discarded.load(Ordering::Acquire) {
                 return Err(PushError::Disconnected);
             }
-            if room(prod) {
+            if room(st) {
                 return Ok(());
             }
             if wait.expired() {
@@ -231,21 +268,21 @@ impl LocalRing {
             if !spun {
                 spun = true;
                 let start = Instant::now();
-                while start.elapsed() < SPIN && !room(prod) && !gone() {
+                while start.elapsed() < SPIN && !room(st) && !gone() {
                     std::hint::spin_loop();
                 }
                 continue;
             }
             // Other senders wait on the lock meanwhile; they would wait for room anyway.
-            prod.park_prepare();
-            if !room(prod) && !gone() && !self.discarded.load(Ordering::Acquire) {
+            st.prod.park_prepare();
+            if !room(st) && !gone() && !self.discarded.load(Ordering::Acquire) {
                 let timeout = match wait {
                     Wait::Until(t) => t.saturating_duration_since(Instant::now()).min(MAX_SLEEP),
                     _ => MAX_SLEEP,
                 };
                 let _ = futex_wait(self.room_word(), 1, Some(timeout));
             }
-            prod.park_done();
+            st.prod.park_done();
         }
     }
 
@@ -259,7 +296,9 @@ impl LocalRing {
     /// A message left the ring (taken or dropped): uncount it, and wake a sender waiting for
     /// room if one sleeps.
     fn uncount(&self, st: &ConsState) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
+        // Under `cons`'s lock, the only place `taken` changes.
+        let taken = self.taken.load(Ordering::Relaxed);
+        self.taken.store(taken + 1, Ordering::Release);
         if let Some(w) = st.cons.wake_needed() {
             let _ = futex_wake(w, 1);
         }
@@ -362,7 +401,8 @@ impl Lane for LocalRing {
     }
 
     fn ready(&self) -> bool {
-        self.count.load(Ordering::Acquire) > 0 || self.discarded.load(Ordering::Relaxed)
+        self.taken.load(Ordering::Acquire) != self.sent.load(Ordering::Acquire)
+            || self.discarded.load(Ordering::Relaxed)
     }
 
     fn finished(&self) -> bool {
@@ -438,8 +478,11 @@ mod tests {
         tx.send(vec![5u8; 100]).unwrap();
         let ring = rx.core.0.local_for_tests().expect("a local ring");
         let (base, len) = {
-            let prod = ring.prod();
-            (prod.region().as_ptr() as usize, Region::len(prod.region()))
+            let st = ring.prod();
+            (
+                st.prod.region().as_ptr() as usize,
+                Region::len(st.prod.region()),
+            )
         };
         let m = rx.recv().unwrap();
         let at = m.as_bytes().as_ptr() as usize;
@@ -454,6 +497,35 @@ mod tests {
         first.take(&*first).unwrap().send(9).unwrap();
         assert_eq!(*inner_rx.recv().unwrap(), 9);
         drop(srx.recv().unwrap());
+    }
+
+    /// The capacity in messages holds exactly, round after round, though senders re-read the
+    /// receiver's count only when they find the channel full.
+    #[test]
+    fn capacity_in_messages_holds_round_after_round() {
+        let (tx, rx) = crate::pipe_with_capacity::<u64>(3);
+        let mut next = 0u64;
+        let mut expect = 0u64;
+        for round in 0..20 {
+            while tx.try_send(next).is_ok() {
+                next += 1;
+            }
+            assert_eq!(rx.len(), 3, "round {round}: full at the capacity");
+            // One out, one in; a message kept does not count against the capacity.
+            let kept = rx.recv().unwrap();
+            assert_eq!(*kept, expect);
+            expect += 1;
+            assert_eq!(rx.len(), 2);
+            tx.try_send(next).unwrap();
+            next += 1;
+            assert!(tx.try_send(next).unwrap_err().is_full(), "round {round}");
+            drop(kept);
+            for _ in 0..3 {
+                assert_eq!(*rx.recv().unwrap(), expect);
+                expect += 1;
+            }
+            assert_eq!(rx.len(), 0, "round {round}: drained");
+        }
     }
 
     /// Boxed messages left in the ring are freed with it, closing their handles.
