@@ -411,9 +411,9 @@ impl Outlet for OutChan {
             }
         }
         let cost = data_cost(packet.handles.len() * 16 + packet.bytes.len());
-        // Take in what the peer already sent (credit, a reset) so that a dropped receiver
-        // fails this send rather than a later one.
-        self.conn.poll_input();
+        // Take in what the peer already sent (credit, a reset), so that a dropped receiver
+        // fails a send soon after its reset arrives.
+        self.conn.poll_input_before_send();
         self.take_credit(cost, wait)?;
         let reset = || self.reset.load(Ordering::Acquire);
         self.conn.send_data(self.id, packet, &reset)
