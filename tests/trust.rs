@@ -279,11 +279,10 @@ fn first_message_of_a_second_ring_keeps_its_place() {
 }
 
 /// The same, run often enough to catch a window of nanoseconds: before the fix in section
-/// 2.34 of docs/ARCHITECTURE.md, 5 to 13 runs in 4 000-5 000 went wrong on a 2-core machine.
-/// Ignored because a rarer misorder of the same shape is still open (section 3.1: 1 run in
-/// 4 000 once, under a full test run's load); `cargo test --test trust -- --ignored` runs it.
+/// 2.34 of docs/ARCHITECTURE.md, 5 to 13 runs in 4 000-5 000 went wrong on a 2-core machine,
+/// and before the one in section 2.38, 1 in 4 000 under a full test run's load (152 in 4 000
+/// with a 30 us pause where the inbox's look used to take a message unordered).
 #[test]
-#[ignore = "reproduces the open misorder of ARCHITECTURE 3.1"]
 fn first_message_of_a_second_ring_keeps_its_place_many_runs() {
     with_timeout(Duration::from_secs(120), || {
         assert_second_ring_in_place(Trust::SameUid, 4000);

@@ -569,16 +569,12 @@ impl Inbox {
                     }
                 }
             } else {
-                // Nothing seen: notice finished lanes (or take what arrived meanwhile).
+                // Nothing seen: notice finished lanes, and take nothing. A message that came
+                // since the look above waits for the next call, which orders it: taken here, in
+                // whatever lane comes first, it could overtake a message its sender had put in
+                // another lane before it (section 2.38 of docs/ARCHITECTURE.md).
                 for l in lanes.iter() {
-                    match l.try_pop() {
-                        LanePop::Entry(e) => {
-                            taken = Some(e);
-                            break;
-                        }
-                        LanePop::Empty => {}
-                        LanePop::Done => finished = true,
-                    }
+                    finished |= l.try_finish();
                 }
             }
         }
@@ -801,5 +797,97 @@ fn same_feed(a: &Arc<dyn Feed>, b: &dyn Feed) -> bool {
 fn wake(waiters: Vec<Thread>) {
     for t in waiters {
         t.unpark();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// A lane of one session holding numbered messages, each one's bytes its number. Its
+    /// first `hidden` looks by `order` find nothing: the messages arrive just after the
+    /// inbox looked, before it takes.
+    struct LateLane {
+        seqs: Mutex<VecDeque<u64>>,
+        hidden: AtomicU32,
+        word: AtomicU32,
+    }
+
+    impl LateLane {
+        fn new(seqs: &[u64], hidden: u32) -> Arc<Self> {
+            Arc::new(Self {
+                seqs: Mutex::new(seqs.iter().copied().collect()),
+                hidden: AtomicU32::new(hidden),
+                word: AtomicU32::new(0),
+            })
+        }
+    }
+
+    impl Lane for LateLane {
+        fn try_pop(&self) -> LanePop {
+            match self.seqs.lock().unwrap().pop_front() {
+                Some(seq) => {
+                    let mut bytes = Bytes::new();
+                    bytes.extend_from_slice(&seq.to_le_bytes());
+                    LanePop::Entry(Entry::local(Packet {
+                        bytes,
+                        handles: Vec::new(),
+                    }))
+                }
+                None => LanePop::Empty,
+            }
+        }
+
+        fn ready(&self) -> bool {
+            !self.seqs.lock().unwrap().is_empty()
+        }
+
+        fn finished(&self) -> bool {
+            false
+        }
+
+        fn try_finish(&self) -> bool {
+            false
+        }
+
+        fn discard(&self) {}
+
+        fn order(&self) -> Option<(usize, u64)> {
+            if self.hidden.load(Ordering::Relaxed) > 0 {
+                self.hidden.fetch_sub(1, Ordering::Relaxed);
+                return None;
+            }
+            self.seqs.lock().unwrap().front().map(|&seq| (1, seq))
+        }
+
+        fn park_prepare(&self) -> &AtomicU32 {
+            &self.word
+        }
+
+        fn park_done(&self) {}
+
+        fn unpark(&self) {}
+    }
+
+    /// One sender's messages 3..6 went into the second lane before 6..9 went into the first,
+    /// both after the inbox found every lane empty: the inbox must still deliver 3 first,
+    /// not whatever the lane it happens to try first holds.
+    #[test]
+    fn a_message_arriving_between_looks_waits_for_its_turn() {
+        let inbox = Inbox::new(16);
+        assert!(inbox.add_lane(LateLane::new(&[6, 7, 8], 1)));
+        assert!(inbox.add_lane(LateLane::new(&[3, 4, 5], 1)));
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            if let Some(e) = inbox.poll_lanes() {
+                let bytes: [u8; 8] = e.packet.bytes[..8].try_into().unwrap();
+                got.push(u64::from_le_bytes(bytes));
+            }
+            if got.len() == 6 {
+                break;
+            }
+        }
+        assert_eq!(got, [3, 4, 5, 6, 7, 8]);
     }
 }

@@ -409,6 +409,11 @@ impl Lane for LocalRing {
         self.discarded.load(Ordering::Acquire)
     }
 
+    fn try_finish(&self) -> bool {
+        // A local ring ends only when discarded.
+        self.finished()
+    }
+
     fn discard(&self) {
         self.discarded.store(true, Ordering::Release);
         // Drop every message still in the ring (closing the handles of boxed ones).

@@ -84,6 +84,12 @@ pub(crate) trait Lane: Send + Sync {
     /// `try_pop` returned `Done`: the lane can be dropped.
     fn finished(&self) -> bool;
 
+    /// Finishes the lane if nothing is left in it and nothing more will come (what `try_pop`
+    /// would report as `Done`), without ever taking a message; returns whether it is finished.
+    /// For an inbox that found no next message in any of its lanes: one that arrived since
+    /// must wait for the look that orders the lanes (see `Inbox::poll_lanes`).
+    fn try_finish(&self) -> bool;
+
     /// Nobody will receive any more: drop what waits (closing its handles) and finish.
     fn discard(&self);
 

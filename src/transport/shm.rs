@@ -871,6 +871,34 @@ impl Lane for RingIn {
         self.finished.load(Ordering::Acquire)
     }
 
+    fn try_finish(&self) -> bool {
+        if self.finished.load(Ordering::Acquire) {
+            return true;
+        }
+        // As in `pop_checked`: the flags before the ring, so an empty ring really is the end.
+        if !(self.closed.load(Ordering::Acquire) || self.dead.load(Ordering::Acquire)) {
+            return false;
+        }
+        let mut st = self.lock();
+        let empty = if st.on_socket > 0 {
+            // A promised message that never came (the session ended) ends the lane too.
+            st.socket.is_empty()
+        } else {
+            match st.cons.peek() {
+                Ok(peeked) => peeked.is_none() && st.staged.is_none(),
+                Err(c) => {
+                    self.corrupt(st, c);
+                    return true;
+                }
+            }
+        };
+        if empty {
+            drop(st);
+            self.finished.store(true, Ordering::Release);
+        }
+        empty
+    }
+
     fn order(&self) -> Option<(usize, u64)> {
         let mut st = self.lock();
         if let Some(&seq) = st.on_socket_seq.front() {
