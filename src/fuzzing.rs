@@ -196,7 +196,7 @@ fn parse_body(header: &frame::Header, body: &[u8]) {
         Kind::Join => {
             let _ = frame::parse_join(body);
         }
-        Kind::Close | Kind::Credit => {}
+        Kind::Close | Kind::Credit | Kind::Forget => {}
     }
 }
 

@@ -330,9 +330,21 @@ fn frame_over_max_frame_is_rejected_from_its_header() {
 
 #[test]
 fn unknown_frame_kind_closes_the_session() {
-    hostile_case(&[PROTOCOL_ERROR], "unknown frame kind 14", |raw| {
-        raw.write_all(&frame(14, 0, 0, 0, &[])).unwrap();
+    hostile_case(&[PROTOCOL_ERROR], "unknown frame kind 15", |raw| {
+        raw.write_all(&frame(15, 0, 0, 0, &[])).unwrap();
     });
+}
+
+/// FORGET (kind 14) speaks of ring offers, which only shared-memory sessions have.
+#[test]
+fn forget_without_shared_memory_closes_the_session() {
+    hostile_case(
+        &[PROTOCOL_ERROR],
+        "FORGET frame on a session without shared memory",
+        |raw| {
+            raw.write_all(&frame(14, 0, 0, 7, &[])).unwrap();
+        },
+    );
 }
 
 #[test]

@@ -69,6 +69,10 @@ pub(crate) enum Kind {
     /// The first frame on a session made from an INTRO's socket: the writer opens `chan` as
     /// one more sender of the channel introduced with token `arg`; body: `u64` fingerprint.
     Join = 13,
+    /// Shared-memory sessions only, written by the side that binds the peer's offers: it will
+    /// not bind offer `arg` again, so the peer may unmap the ring it keeps for it. Empty body,
+    /// names no channel.
+    Forget = 14,
 }
 
 impl Kind {
@@ -88,13 +92,17 @@ impl Kind {
             11 => Self::Offer,
             12 => Self::Intro,
             13 => Self::Join,
+            14 => Self::Forget,
             _ => return None,
         })
     }
 
     /// Whether frames of this kind name a channel (nonzero `chan`) rather than the session.
     pub(crate) fn is_channel_frame(self) -> bool {
-        !matches!(self, Self::Ping | Self::Pong | Self::GoAway | Self::Offer)
+        !matches!(
+            self,
+            Self::Ping | Self::Pong | Self::GoAway | Self::Offer | Self::Forget
+        )
     }
 }
 
@@ -172,7 +180,7 @@ impl Header {
             | Kind::Offer
             | Kind::Intro
             | Kind::Join => len == 8,
-            Kind::Close | Kind::Credit => len == 0,
+            Kind::Close | Kind::Credit | Kind::Forget => len == 0,
             Kind::Reset | Kind::GoAway => len as usize <= MAX_TEXT,
             // `arg <= MAX_HANDLES` is checked below, so this cannot overflow.
             Kind::Data => u64::from(len) >= u64::from(arg) * HANDLE_LEN as u64,
@@ -199,7 +207,7 @@ impl Header {
             Kind::Offer | Kind::Intro if nfds != 1 => {
                 return Err(DecodeError::FdCountMismatch { nfds, handles: 1 });
             }
-            Kind::Offer if arg == 0 => return Err(DecodeError::BadOffer),
+            Kind::Offer | Kind::Forget if arg == 0 => return Err(DecodeError::BadOffer),
             Kind::Ring | Kind::Blob | Kind::Offer | Kind::Intro => {}
             _ if nfds != 0 && kind != Kind::Data => {
                 return Err(DecodeError::FdsOnNonData { kind, nfds });
@@ -689,6 +697,11 @@ pub(crate) fn encode_offer(out: &mut Vec<u8>, id: u32, capacity: u64) {
     out.extend_from_slice(&capacity.to_le_bytes());
 }
 
+/// Appends a FORGET frame: the writer will not bind the peer's offer `id` again.
+pub(crate) fn encode_forget(out: &mut Vec<u8>, id: u32) {
+    out.extend_from_slice(&Header::new(Kind::Forget, 0, id, 0).encode());
+}
+
 /// The ring capacity in an OFFER body.
 ///
 /// # Errors
@@ -989,8 +1002,8 @@ mod tests {
         let mut bytes = Header::new(Kind::Open, 1, 0, 8).encode();
         bytes[4] = 0;
         assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(0)));
-        bytes[4] = 14;
-        assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(14)));
+        bytes[4] = 15;
+        assert_eq!(Header::parse(&bytes), Err(DecodeError::UnknownKind(15)));
 
         for (kind, len) in [
             (Kind::Open, 7),
@@ -1201,6 +1214,31 @@ mod tests {
         assert!(parse(h).is_err());
         assert!(parse(Header::new(Kind::Join, 0, 1, 8)).is_err());
         assert!(parse(Header::new(Kind::Intro, 4, 1, 16)).is_err());
+    }
+
+    #[test]
+    fn forget_names_an_offer_and_nothing_else() {
+        let mut buf = Vec::new();
+        encode_forget(&mut buf, 0x00ab_cdef);
+        let h = Header::parse(buf[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(
+            (h.kind, h.chan, h.arg, h.len),
+            (Kind::Forget, 0, 0x00ab_cdef, 0)
+        );
+        assert_eq!(buf[4], 14);
+
+        let parse = |h: Header| Header::parse(&h.encode());
+        let mut h = Header::new(Kind::Forget, 0, 0, 0);
+        assert_eq!(parse(h), Err(DecodeError::BadOffer));
+        h.arg = 1;
+        h.len = 8;
+        assert!(matches!(parse(h), Err(DecodeError::BadBodyLength { .. })));
+        h.len = 0;
+        h.chan = 3;
+        assert!(matches!(parse(h), Err(DecodeError::BadChannel { .. })));
+        h.chan = 0;
+        h.nfds = 1;
+        assert!(matches!(parse(h), Err(DecodeError::FdsOnNonData { .. })));
     }
 
     #[test]

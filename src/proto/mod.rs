@@ -113,7 +113,7 @@ pub(crate) enum DecodeError {
         /// FD + STREAM descriptors found in the body.
         handles: u16,
     },
-    /// An OFFER frame with offer id 0.
+    /// An OFFER or FORGET frame with offer id 0.
     BadOffer,
     /// A frame declaring `nfds` descriptors did not find exactly that many in the batch
     /// delivered with the read holding its first byte.
@@ -164,7 +164,7 @@ impl fmt::Display for DecodeError {
                 f,
                 "frame declares {nfds} file descriptors but carries {handles} fd handles"
             ),
-            Self::BadOffer => f.write_str("OFFER frame with offer id 0"),
+            Self::BadOffer => f.write_str("OFFER or FORGET frame with offer id 0"),
             Self::MisboundFds { nfds, received } => write!(
                 f,
                 "frame declares {nfds} file descriptors but its read delivered {received}"

@@ -24,11 +24,12 @@ use memmap2::{MmapOptions, MmapRaw};
 use super::region::{Region, REGION_ALIGN};
 use crate::sys::{memfd, seal, seals, size, Seal};
 
-/// A shared, read-write mapping of a size-sealed memfd, unmapped on drop.
+/// A shared, read-write mapping of a size-sealed memfd, unmapped when the last handle to it
+/// (see [`share`](ShmRegion::share)) drops.
 #[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug)]
 pub(crate) struct ShmRegion {
-    map: MmapRaw,
+    map: std::sync::Arc<MmapRaw>,
 }
 
 #[cfg_attr(not(test), allow(dead_code))]
@@ -93,14 +94,24 @@ impl ShmRegion {
         if map.as_mut_ptr() as usize % REGION_ALIGN != 0 || map.len() != expected_len {
             return Err(io::Error::other("mapping is not 128-byte aligned"));
         }
-        Ok(Self { map })
+        Ok(Self {
+            map: std::sync::Arc::new(map),
+        })
+    }
+
+    /// Another handle to the same mapping, which stays mapped while either lives: a ring's
+    /// reader keeps one to hand the ring back for reuse after the reader itself is gone.
+    pub(crate) fn share(&self) -> ShmRegion {
+        Self {
+            map: self.map.clone(),
+        }
     }
 }
 
 // SAFETY: each promise of the `Region` contract, for as long as the `ShmRegion` lives:
 // - Non-null, `REGION_ALIGN`-aligned, constant pointer; constant length: `MmapRaw` returns the
-//   address and length of one `mmap` call, made once in `map` and unmapped only on drop (the
-//   mapping is never moved or resized); `map` checked the alignment (mmap is page-aligned) and
+//   address and length of one `mmap` call, made once in `map` and unmapped only when the last
+//   handle to it drops (`share` hands out more; the mapping is never moved or resized); `map` checked the alignment (mmap is page-aligned) and
 //   refused a zero length, for which memmap2 would return a dangling placeholder.
 // - All `len` bytes initialised, readable and writable from any thread: the mapping is
 //   `MAP_SHARED` with `PROT_READ | PROT_WRITE` (`map_raw`), and every byte is backed by the

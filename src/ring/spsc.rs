@@ -987,6 +987,12 @@ impl<R: Memory> Consumer<R> {
         &self.ring.region
     }
 
+    /// Detaches, returning the region: what was released stays released, what was not is the
+    /// next consumer's to read.
+    pub(crate) fn into_region(self) -> R {
+        self.ring.region
+    }
+
     /// The next committed record, without consuming it; `Ok(None)` if there is none yet.
     ///
     /// Skips padding. Calling it again returns the same record until [`consume`](Self::consume).
@@ -1299,6 +1305,16 @@ impl<R: Region> Consumer<R> {
         // Release: orders our last releases of `head` before it, for a producer that reads it
         // with Acquire (it carries no data of its own).
         self.ring.header().tail.gone.store(1, Ordering::Release);
+    }
+
+    /// Clears the *consumer gone* mark and both doorbells, for a ring that both ends have left
+    /// idle (its producer detached or not writing, this consumer about to hand it on): the
+    /// next pair of ends starts from clean words. Only while nobody else uses the ring.
+    pub(crate) fn reopen(&self) {
+        let header = self.ring.header();
+        header.tail.gone.store(0, Ordering::Relaxed);
+        header.tail.parked.store(0, Ordering::Relaxed);
+        header.head.parked.store(0, Ordering::Relaxed);
     }
 
     /// `rec`'s payload, read in place (16-byte aligned).

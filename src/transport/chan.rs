@@ -84,6 +84,9 @@ pub(crate) struct OutChan {
     gone_word: AtomicPtr<AtomicU32>,
     /// The ring is one this side offered (see `conn::offer`) and nothing was sent on it yet.
     fresh_offer: AtomicBool,
+    /// The id of the offer the ring came from (0: the channel made its own), under which it
+    /// goes back to the offers once the channel closes.
+    offer: u32,
 }
 
 /// What [`OutChan::send_shm`] did.
@@ -106,20 +109,20 @@ enum RingState {
 
 impl OutChan {
     pub(crate) fn new(conn: Arc<Conn>, id: u32) -> Arc<Self> {
-        Self::with_ring_state(conn, id, RingState::Unset)
+        Self::with_ring_state(conn, id, RingState::Unset, 0)
     }
 
-    /// A channel whose ring is `ring`, one this side offered and the peer bound to channel `id`
-    /// (a SENDER_RING descriptor): no RING frame announces it.
-    pub(crate) fn on_offer(conn: Arc<Conn>, id: u32, ring: RingOut) -> Arc<Self> {
-        let o = Self::with_ring_state(conn, id, RingState::Unset);
+    /// A channel whose ring is `ring`, the one this side offered as `offer` and the peer bound
+    /// to channel `id` (a SENDER_RING descriptor): no RING frame announces it.
+    pub(crate) fn on_offer(conn: Arc<Conn>, id: u32, ring: RingOut, offer: u32) -> Arc<Self> {
+        let o = Self::with_ring_state(conn, id, RingState::Unset, offer);
         o.keep_words(&ring);
         *o.ring.lock().unwrap_or_else(|e| e.into_inner()) = RingState::Ready(ring);
         o.fresh_offer.store(true, Ordering::Relaxed);
         o
     }
 
-    fn with_ring_state(conn: Arc<Conn>, id: u32, ring: RingState) -> Arc<Self> {
+    fn with_ring_state(conn: Arc<Conn>, id: u32, ring: RingState, offer: u32) -> Arc<Self> {
         let credit = SendCredit::new(conn.limits.peer_window);
         Arc::new(Self {
             conn,
@@ -131,6 +134,7 @@ impl OutChan {
             room_word: AtomicPtr::new(std::ptr::null_mut()),
             gone_word: AtomicPtr::new(std::ptr::null_mut()),
             fresh_offer: AtomicBool::new(false),
+            offer,
         })
     }
 
@@ -480,6 +484,16 @@ impl Outlet for OutChan {
 
 impl Drop for OutChan {
     fn drop(&mut self) {
+        if self.offer != 0 {
+            // Kept before the CLOSE goes, which lets the peer hand the ring back.
+            let ring = std::mem::replace(
+                self.ring.get_mut().unwrap_or_else(|e| e.into_inner()),
+                RingState::Unavailable,
+            );
+            if let RingState::Ready(ring) = ring {
+                self.conn.offer_closed(self.offer, ring);
+            }
+        }
         self.conn.close_outbound(self.id);
     }
 }

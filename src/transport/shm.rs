@@ -411,6 +411,10 @@ pub(crate) struct RingIn {
     /// The peer is not trusted (`Trust::Untrusted`): besides copying records out, local events
     /// wake a sleeping receiver whatever the shared parked word says (the peer can clear it).
     untrusted: bool,
+    /// The channel bound to this ring when it is one the peer offered (0 otherwise): the ring
+    /// goes back to the peer once the channel is closed and this reader is gone (see
+    /// `conn::offer`).
+    bound: AtomicU32,
 }
 
 // SAFETY: `word` points into the shared mapping owned by `state`'s consumer, which lives as long
@@ -476,7 +480,18 @@ impl RingIn {
             dead: AtomicBool::new(false),
             finished: AtomicBool::new(false),
             untrusted: copy_out,
+            bound: AtomicU32::new(0),
         }))
+    }
+
+    /// This ring, one the peer offered, now carries channel `chan`.
+    pub(crate) fn bind(&self, chan: u32) {
+        self.bound.store(chan, Ordering::Relaxed);
+    }
+
+    /// A handle on the ring's mapping, which keeps it mapped after this reader is gone.
+    pub(crate) fn share_region(&self) -> ShmRegion {
+        self.lock().cons.region().share()
     }
 
     fn lock(&self) -> MutexGuard<'_, InState> {
@@ -796,6 +811,19 @@ impl RingIn {
         }
         self.finished.store(true, Ordering::Release);
         LanePop::Done
+    }
+}
+
+impl Drop for RingIn {
+    /// A ring the peer offered goes back to it once its channel is closed too (see
+    /// `conn::offer`): nothing of it is read or held here any more.
+    fn drop(&mut self) {
+        let chan = self.bound.load(Ordering::Relaxed);
+        if chan != 0 {
+            if let Some(conn) = self.conn.upgrade() {
+                conn.offer_ring_released(chan);
+            }
+        }
     }
 }
 

@@ -101,11 +101,14 @@ impl Conn {
             Kind::Data => self.dispatch_data(header.chan, &header, body, fds),
             Kind::Close => {
                 self.close_inbound(header.chan);
+                // Only the peer's CLOSE says it writes no more into the channel's ring.
+                self.offer_ring_closed(header.chan);
                 Ok(())
             }
             Kind::Ring => self.dispatch_ring(header.chan, body, fds),
             Kind::Blob => self.dispatch_blob(header.chan, body, fds),
             Kind::Offer => self.dispatch_offer(header.arg, body, fds),
+            Kind::Forget => self.dispatch_forget(header.arg),
             Kind::Intro => self.dispatch_intro(header.chan, header.arg, body, fds),
             Kind::Join => self.dispatch_join(header.chan, header.arg, body),
             Kind::Reset => {
@@ -268,7 +271,7 @@ impl Conn {
             HandleKind::SenderRing => {
                 self.check_new_peer_id(t, d.chan)?;
                 let ring = self.take_offer(d.offer)?;
-                let o = OutChan::on_offer(this.clone(), d.chan, ring);
+                let o = OutChan::on_offer(this.clone(), d.chan, ring, d.offer);
                 t.outbound.insert(d.chan, Arc::downgrade(&o));
                 Handle::Sender(SendCore::Remote(o), d.fingerprint)
             }

@@ -190,6 +190,7 @@ impl Conn {
                         // message on it needs no RING frame, and the lane is read from now.
                         if let Some((offered, ring)) = self.bind_offer() {
                             if c.ring.set(ring.clone()).is_ok() {
+                                self.track_bound_offer(id, offered, &ring);
                                 lanes.push((c.inbox.clone(), ring));
                                 offer = offered;
                             }

@@ -82,6 +82,8 @@ pub(crate) struct Conn {
     offers_out: Mutex<offer::OffersOut>,
     /// The peer's ring offers, mapped, for the next `Sender` we hand over (see `offer`).
     offers_in: Mutex<offer::OffersIn>,
+    /// The peer's rings bound to our channels, on their way back to it (see `offer`).
+    returns: Mutex<offer::Returns>,
     /// Rings holding back a record until more RING frames are dispatched.
     ring_waiters: Mutex<Vec<std::sync::Weak<super::shm::RingIn>>>,
     /// Pumped streams running on this session (`pump`, bounded by `pump::MAX_PER_SESSION`).
@@ -264,7 +266,8 @@ impl Conn {
             rings_sent: AtomicU32::new(0),
             rings_seen: Arc::new(AtomicU32::new(0)),
             offers_out: Mutex::new(offer::OffersOut::default()),
-            offers_in: Mutex::new(offer::OffersIn::new()),
+            offers_in: Mutex::new(offer::OffersIn::default()),
+            returns: Mutex::new(offer::Returns::default()),
             ring_waiters: Mutex::new(Vec::new()),
             pumps: AtomicU32::new(0),
             keepalive,

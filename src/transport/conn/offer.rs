@@ -19,6 +19,17 @@
 //! bound offers are used (a channel's first send), so `Sender`s that are handed over and never
 //! used (10 000 nested channels, say) take a few offers and then the plain path, with no ring
 //! made for them.
+//!
+//! Rings are used again, with no frame of their own. When a channel bound to an offer has
+//! closed (the maker's CLOSE arrived) and nothing on the binding side reads or holds its ring
+//! any more, that side reads the ring to its end, releases it, and puts it back among the
+//! maker's offers it holds, under the same id, to bind to its next `Sender`. The maker keeps
+//! the ring of every channel on its offers that closed (before its CLOSE goes), so a
+//! SENDER_RING may name it again; and it counts those rings as offers out, making new ones
+//! only while fewer than [`OFFERS`] are unbound or closed. A side that will not bind a ring
+//! again (it holds enough) says so with FORGET, and both unmap it. A job with a fresh reply
+//! `Sender` thus costs no memfd, mapping or unmapping once the session has its few rings, and
+//! no frame beyond the CLOSE it always had. Offer ids are never used twice in a session.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
@@ -32,6 +43,7 @@ use super::dispatch::Violation;
 use super::Conn;
 use crate::channel::{Feed, Handle, Inbox, Lane, SendCore};
 use crate::proto::frame::{self, HandleDesc, HandleKind};
+use crate::ring::shm::ShmRegion;
 
 /// Offers a side keeps out (made, not yet bound to a channel).
 pub(super) const OFFERS: usize = 4;
@@ -42,16 +54,31 @@ pub(super) const MAX_OFFERS_IN: usize = 16;
 /// How long the session's thread waits before it tries again an offer the socket refused.
 const OFFER_RETRY: Duration = Duration::from_millis(1);
 
+/// How long the ring of a channel that closed on this side counts as an offer out: the peer
+/// normally binds it again within microseconds of its CLOSE, once its receiver let go of the
+/// ring. A ring the peer still holds after this (its application keeps the channel's receiver)
+/// no longer stands in for a new offer.
+const CLOSED_COUNTS: Duration = Duration::from_millis(20);
+
 /// Offer ids travel in 24 bits of a handle descriptor.
 const MAX_OFFER_ID: u32 = (1 << 24) - 1;
+
+/// Rings of the peer's a side keeps to bind again: put back among its offers, or waiting for
+/// the peer to close a channel whose reader here is gone. Past it, a ring is unmapped and the
+/// peer hears FORGET.
+pub(super) const MAX_KEPT: usize = 16;
 
 /// This side's offers.
 #[derive(Default)]
 pub(super) struct OffersOut {
-    /// The last offer id used (ids cycle through `1..=MAX_OFFER_ID`).
+    /// The last offer id used: ids go up from 1 and are never reused in a session (at
+    /// `MAX_OFFER_ID` no new ring is offered; returned ones still are).
     last_id: u32,
     /// Offers the peer has not bound yet, by id.
     unbound: HashMap<u32, RingOut>,
+    /// Rings of channels on our offers that closed on this side, by id, with when: the peer
+    /// binds them again (a SENDER_RING naming the id) or forgets them (FORGET).
+    closed: HashMap<u32, (RingOut, Instant)>,
     /// The peer has handed us a `Sender`: this session carries such channels, so it gets
     /// offers.
     wanted: bool,
@@ -62,8 +89,61 @@ pub(super) struct OffersOut {
     retry_after: Option<Instant>,
 }
 
-/// The peer's offers, mapped, oldest first.
-pub(super) type OffersIn = VecDeque<(u32, Arc<RingIn>)>;
+impl OffersOut {
+    /// Offers out: unbound ones, and rings of channels that closed here lately, which the peer
+    /// binds again (see [`CLOSED_COUNTS`]).
+    fn out(&self) -> usize {
+        let recent = self
+            .closed
+            .values()
+            .filter(|(_, at)| at.elapsed() < CLOSED_COUNTS)
+            .count();
+        self.unbound.len() + recent
+    }
+}
+
+/// The peer's offers we hold, mapped: the ones it made, and the rings of closed channels put
+/// back (see `hand_back`).
+#[derive(Default)]
+pub(super) struct OffersIn {
+    /// Offers the peer made (OFFER frames), oldest first: at most [`MAX_OFFERS_IN`].
+    fresh: VecDeque<(u32, Arc<RingIn>)>,
+    /// Rings put back, oldest first: at most [`MAX_KEPT`]. Bound before fresh offers, since
+    /// their lines and pages are warm.
+    recycled: VecDeque<(u32, Arc<RingIn>)>,
+}
+
+impl OffersIn {
+    fn len(&self) -> usize {
+        self.fresh.len() + self.recycled.len()
+    }
+
+    fn pop_front(&mut self) -> Option<(u32, Arc<RingIn>)> {
+        self.recycled.pop_front().or_else(|| self.fresh.pop_front())
+    }
+}
+
+/// The peer's rings bound to our channels, on their way back to our offers.
+#[derive(Default)]
+pub(super) struct Returns {
+    /// Channels bound to one of the peer's offers, by channel id.
+    bound: HashMap<u32, BoundOffer>,
+    /// Rings put back among the offers so far.
+    recycled: u64,
+}
+
+/// A channel bound to one of the peer's offers: its ring goes back among the offers once the
+/// peer closed the channel and nothing here uses the ring any more.
+struct BoundOffer {
+    offer: u32,
+    /// Keeps the ring mapped after the channel's reader (`RingIn`) is gone; `None` once it was
+    /// unmapped for `MAX_KEPT`: the peer then hears FORGET when the channel closes.
+    region: Option<ShmRegion>,
+    /// The peer's CLOSE arrived: it writes no more.
+    closed: bool,
+    /// The reader is gone: nothing of the ring is held here.
+    released: bool,
+}
 
 impl Conn {
     /// Makes the offers the budget allows, keeping at most [`OFFERS`] out; `sender_arrived`
@@ -81,7 +161,7 @@ impl Conn {
                 o.wanted = true;
                 o.budget = OFFERS;
             }
-            o.budget.min(OFFERS.saturating_sub(o.unbound.len()))
+            o.budget.min(OFFERS.saturating_sub(o.out()))
         };
         for _ in 0..want {
             let Ok((ring, fd)) = RingOut::create() else {
@@ -89,7 +169,9 @@ impl Conn {
             };
             // Kept before the frame goes: the peer may bind it, and send a descriptor naming
             // it, as soon as the frame is written.
-            let id = self.keep_offer(ring);
+            let Some(id) = self.keep_offer(ring) else {
+                return;
+            };
             if !self.write_offer(id, &fd) {
                 let mut o = self.lock_offers_out();
                 o.unbound.remove(&id);
@@ -102,21 +184,151 @@ impl Conn {
         }
     }
 
-    /// Keeps `ring` as an unbound offer under the next id not in use, and returns the id.
-    fn keep_offer(&self, ring: RingOut) -> u32 {
+    /// Keeps `ring` as an unbound offer under the next id, and returns the id; `None` (and the
+    /// ring is dropped) once the session has used every id.
+    fn keep_offer(&self, ring: RingOut) -> Option<u32> {
         let mut o = self.lock_offers_out();
-        loop {
-            o.last_id = if o.last_id >= MAX_OFFER_ID {
-                1
-            } else {
-                o.last_id + 1
+        if o.last_id >= MAX_OFFER_ID {
+            return None;
+        }
+        o.last_id += 1;
+        let id = o.last_id;
+        o.unbound.insert(id, ring);
+        Some(id)
+    }
+
+    /// The channel on our offer `id` closed on this side (its `OutChan` is gone, its CLOSE not
+    /// written yet): keep its ring, which the peer may bind again.
+    pub(crate) fn offer_closed(&self, id: u32, ring: RingOut) {
+        if !self.shm() || self.cannot_send() {
+            return;
+        }
+        self.lock_offers_out()
+            .closed
+            .insert(id, (ring, Instant::now()));
+    }
+
+    /// A FORGET frame: the peer will not bind our offer `id` again; unmap its ring. (A FORGET
+    /// for a ring we no longer keep does nothing.)
+    pub(super) fn dispatch_forget(&self, id: u32) -> Result<(), Violation> {
+        if !self.shm() {
+            return Err("FORGET frame on a session without shared memory".into());
+        }
+        let ring = self.lock_offers_out().closed.remove(&id);
+        drop(ring);
+        Ok(())
+    }
+
+    /// Channel `chan` is bound to the peer's offer `offer`, read by `ring`: hand the ring back
+    /// once the channel is closed and `ring` is gone.
+    pub(super) fn track_bound_offer(&self, chan: u32, offer: u32, ring: &RingIn) {
+        ring.bind(chan);
+        let region = Some(ring.share_region());
+        self.lock_returns().bound.insert(
+            chan,
+            BoundOffer {
+                offer,
+                region,
+                closed: false,
+                released: false,
+            },
+        );
+    }
+
+    /// The peer closed channel `chan` (its CLOSE arrived).
+    pub(super) fn offer_ring_closed(&self, chan: u32) {
+        self.offer_ring_progress(chan, |b| b.closed = true);
+    }
+
+    /// The reader of channel `chan`'s ring is gone (`RingIn` dropped).
+    pub(crate) fn offer_ring_released(&self, chan: u32) {
+        self.offer_ring_progress(chan, |b| b.released = true);
+    }
+
+    fn offer_ring_progress(&self, chan: u32, mark: impl FnOnce(&mut BoundOffer)) {
+        let done = {
+            let mut r = self.lock_returns();
+            let Some(b) = r.bound.get_mut(&chan) else {
+                return;
             };
-            let id = o.last_id;
-            if let std::collections::hash_map::Entry::Vacant(e) = o.unbound.entry(id) {
-                e.insert(ring);
-                return id;
+            mark(b);
+            if !b.closed {
+                if b.released {
+                    // The reader is gone and the peer still holds the channel open: keep at
+                    // most `MAX_KEPT` such rings mapped, unmapping the rest now.
+                    let waiting = r
+                        .bound
+                        .values()
+                        .filter(|b| b.released && b.region.is_some())
+                        .count();
+                    if waiting > MAX_KEPT {
+                        let unmapped = r.bound.get_mut(&chan).and_then(|b| b.region.take());
+                        drop(r);
+                        drop(unmapped);
+                    }
+                }
+                return;
+            }
+            if !b.released {
+                return;
+            }
+            r.bound.remove(&chan)
+        };
+        if let Some(b) = done {
+            self.hand_back(b);
+        }
+    }
+
+    /// Puts the ring of a closed channel back among the peer's offers we hold: reads it to
+    /// its end (records the reader left unread when its receiver went away), releases
+    /// everything and clears its words, then attaches a new reader for the next channel bound
+    /// to it. When that cannot be (too many offers held, a broken ring), the peer hears FORGET.
+    fn hand_back(&self, b: BoundOffer) {
+        if !self.shm() || self.cannot_send() {
+            return;
+        }
+        let kept = b.region.and_then(|region| self.reuse(region));
+        match kept {
+            Some(ring) => {
+                self.lock_offers_in().recycled.push_back((b.offer, ring));
+                self.lock_returns().recycled += 1;
+            }
+            None => {
+                let mut buf = Vec::with_capacity(16);
+                frame::encode_forget(&mut buf, b.offer);
+                self.send_control(&buf);
             }
         }
+    }
+
+    /// The ring in `region`, emptied and with a fresh reader, if it is to be kept.
+    fn reuse(&self, region: ShmRegion) -> Option<Arc<RingIn>> {
+        if self.lock_offers_in().recycled.len() >= MAX_KEPT {
+            return None;
+        }
+        let this = self.arc().ok()?;
+        // SAFETY: the channel's reader, the ring's only consumer on this side, is gone (its
+        // `RingIn` dropped), and the peer's protocol attaches none.
+        let mut cons = unsafe { crate::ring::spsc::Consumer::attach(region) }.ok()?;
+        // A broken ring is not kept; the peer hears FORGET. Nor is one that holds more records
+        // than fit in it: a peer that closed the channel writes no more, and one that keeps
+        // writing must not keep this thread here.
+        let most = cons.capacity() / crate::ring::spsc::RECORD_ALIGN + 1;
+        let mut drained = false;
+        for _ in 0..most {
+            if cons.pop().ok()?.is_none() {
+                drained = true;
+                break;
+            }
+        }
+        if !drained {
+            return None;
+        }
+        cons.release();
+        // The peer's side of the channel is gone too (its CLOSE arrived): nobody else uses the
+        // ring's words until it is bound again.
+        cons.reopen();
+        RingIn::attach(&this, cons.into_region()).ok()
     }
 
     /// Writes OFFER `id` with its memfd if the socket takes it now.
@@ -128,10 +340,11 @@ impl Conn {
 
     /// The peer bound our offer `id` (a SENDER_RING descriptor): its ring, now the channel's.
     pub(super) fn take_offer(&self, id: u32) -> Result<RingOut, Violation> {
-        self.lock_offers_out()
-            .unbound
-            .remove(&id)
-            .ok_or_else(|| Violation::from(format!("SENDER_RING names unknown ring offer {id}")))
+        let mut o = self.lock_offers_out();
+        // An offer not bound yet, or the ring of a closed channel the peer binds again.
+        let closed = o.closed.remove(&id).map(|(ring, _)| ring);
+        let ring = o.unbound.remove(&id).or(closed);
+        ring.ok_or_else(|| Violation::from(format!("SENDER_RING names unknown ring offer {id}")))
     }
 
     /// A channel on one of our offers sent its first message: one offer to replace.
@@ -151,7 +364,7 @@ impl Conn {
         let o = self.lock_offers_out();
         o.wanted
             && o.budget > 0
-            && o.unbound.len() < OFFERS
+            && o.out() < OFFERS
             && o.retry_after.is_none_or(|t| Instant::now() >= t)
     }
 
@@ -168,17 +381,22 @@ impl Conn {
         let capacity = frame::parse_offer(body)?;
         {
             let offers = self.lock_offers_in();
-            if offers.len() >= MAX_OFFERS_IN {
+            if offers.fresh.len() >= MAX_OFFERS_IN {
                 return Err(Violation::limit(format!(
                     "more than {MAX_OFFERS_IN} ring offers outstanding"
                 )));
             }
-            if offers.iter().any(|(o, _)| *o == id) {
+            if offers
+                .fresh
+                .iter()
+                .chain(&offers.recycled)
+                .any(|(o, _)| *o == id)
+            {
                 return Err(format!("ring offer {id} made twice").into());
             }
         }
         let ring = self.attach_peer_ring("OFFER", capacity, fds)?;
-        self.lock_offers_in().push_back((id, ring));
+        self.lock_offers_in().fresh.push_back((id, ring));
         Ok(())
     }
 
@@ -235,7 +453,9 @@ impl Conn {
                 .iter()
                 .map(|_| t.ids.next())
                 .collect::<Option<_>>()?;
-            let rings: Vec<_> = offers.drain(..targets.len()).collect();
+            let rings: Vec<_> = (0..targets.len())
+                .filter_map(|_| offers.pop_front())
+                .collect();
             ids.into_iter().zip(rings).collect::<Vec<_>>()
         };
         let mut descs = Vec::with_capacity(targets.len());
@@ -245,6 +465,7 @@ impl Conn {
                 let c = InChan::new(self, id, inbox.clone());
                 let _ = c.ring.set(ring.clone());
                 t.inbound.insert(id, c);
+                self.track_bound_offer(id, offer, &ring);
                 lanes.push((inbox.clone(), ring));
             } else {
                 // The receiver is gone already: the channel is born closed. Its ring says so
@@ -302,13 +523,18 @@ impl Conn {
 
     /// The session ended: unmap every offer, ours and the peer's.
     pub(super) fn drop_offers(&self) {
-        let ours = std::mem::take(&mut self.lock_offers_out().unbound);
+        let ours = std::mem::take(&mut *self.lock_offers_out());
         let theirs = std::mem::take(&mut *self.lock_offers_in());
-        drop((ours, theirs));
+        let returns = std::mem::take(&mut *self.lock_returns());
+        drop((ours, theirs, returns));
     }
 
     fn lock_offers_out(&self) -> std::sync::MutexGuard<'_, OffersOut> {
         self.offers_out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_returns(&self) -> std::sync::MutexGuard<'_, Returns> {
+        self.returns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_offers_in(&self) -> std::sync::MutexGuard<'_, OffersIn> {
@@ -323,7 +549,7 @@ mod tests {
     use super::*;
     use crate::ring::shm::ShmRegion;
     use crate::ring::spsc::region_len;
-    use crate::{pipe, Options, Receiver, Sender, Session};
+    use crate::{pipe, Options, Receiver, Sender, Session, Trust};
 
     #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
     struct Job {
@@ -395,21 +621,22 @@ mod tests {
         );
         work(&rx, true);
         assert_eq!(*replies.recv().unwrap(), 4);
-        // The answers used their offers: the worker replaces both.
+        // The answers used their offers: the worker makes new ones, and the rings come back
+        // once their channels closed and the coordinator let go of them.
         let replies = job(&jobs, 3);
         work(&rx, true);
         assert_eq!(*replies.recv().unwrap(), 6);
-        eventually("used offers are replaced", || {
-            offered(&coord) == OFFERS && unbound(&worker) == OFFERS
-        });
+        drop(replies);
+        eventually("used offers are replaced", || offered(&coord) >= OFFERS);
     }
 
     #[test]
-    fn unused_senders_use_up_offers_then_take_the_plain_path() {
+    fn unused_senders_make_no_new_rings() {
         let (coord, worker, jobs, rx) = warmed_up();
+        let before = rings_made(&worker);
 
-        // Senders handed over and dropped unused: every one closes its channel, no offer is
-        // made to replace the ones they took.
+        // Senders handed over and dropped unused: every one closes its channel, and its ring
+        // comes back to be offered again; no new ring is made for them.
         for id in 0..3 * OFFERS as u64 {
             let replies = job(&jobs, id);
             work(&rx, false);
@@ -418,8 +645,19 @@ mod tests {
                 "an unused reply channel did not close"
             );
         }
-        assert_eq!(offered(&coord), 0);
-        assert_eq!(unbound(&worker), 0);
+        assert_eq!(rings_made(&worker), before, "unused senders made rings");
+
+        // Senders handed over and kept unused (nested channels, say) take the offers out (and
+        // the returned rings the worker still had) and then the plain path, still without new
+        // rings.
+        let mut kept = Vec::new();
+        for id in 0..4 * OFFERS as u64 {
+            let replies = job(&jobs, id);
+            let m = rx.recv().unwrap();
+            kept.push((replies, m.take(&m.reply).unwrap()));
+        }
+        assert_eq!(rings_made(&worker), before, "unused senders made rings");
+        assert!(offered(&coord) <= OFFERS);
         // Without offers, a reply channel still works (its ring is announced as usual).
         let replies = job(&jobs, 7);
         work(&rx, true);
@@ -586,6 +824,117 @@ mod tests {
         }
     }
 
+    /// The worker's side, for a job whose reply receiver may be gone: answers if it can.
+    fn work_if_wanted(rx: &Receiver<Job>) {
+        let m = rx.recv().unwrap();
+        let reply = m.take(&m.reply).unwrap();
+        let _ = reply.send(m.id.to_native() * 2);
+    }
+
+    /// New rings the worker made so far (offer ids are never reused).
+    fn rings_made(worker: &Session) -> u32 {
+        worker.conn.lock_offers_out().last_id
+    }
+
+    /// Rings the coordinator put back among its offers so far.
+    fn recycled(coord: &Session) -> u64 {
+        coord.conn.lock_returns().recycled
+    }
+
+    /// What the two sides keep of rings between channels, within the bounds.
+    fn assert_kept_within_bounds(coord: &Session, worker: &Session) {
+        let o = worker.conn.lock_offers_out();
+        assert!(o.unbound.len() <= OFFERS);
+        assert!(o.closed.len() <= MAX_OFFERS_IN);
+        assert!(offered(coord) <= MAX_OFFERS_IN);
+    }
+
+    #[test]
+    fn reply_rings_come_back_and_are_offered_again() {
+        let (coord, worker, jobs, rx) = warmed_up();
+        let before = rings_made(&worker);
+        for id in 0..200u64 {
+            let replies = job(&jobs, id);
+            work(&rx, true);
+            assert_eq!(*replies.recv().unwrap(), 2 * id);
+        }
+        let fresh = rings_made(&worker) - before;
+        // Without reuse every job's answer takes a ring of its own: 200.
+        assert!(fresh < 50, "{fresh} new rings for 200 jobs");
+        assert!(
+            recycled(&coord) >= 150,
+            "{} rings used again",
+            recycled(&coord)
+        );
+        assert_kept_within_bounds(&coord, &worker);
+    }
+
+    /// Reply receivers dropped with their answer unread (or before it came) leave it in the
+    /// ring: the ring still comes back, read to its end, and whichever job gets it next reads
+    /// only its own answer.
+    #[test]
+    fn rings_come_back_emptied_of_unread_answers() {
+        for opts in [Options::default(), Options::new().trust(Trust::Untrusted)] {
+            let (coord, worker, jobs, rx) = warmed_up_with(&opts);
+            let before = rings_made(&worker);
+            for id in 0..300u64 {
+                let replies = job(&jobs, id);
+                match id % 3 {
+                    0 => {
+                        work(&rx, true);
+                        drop(replies);
+                    }
+                    1 => {
+                        drop(replies);
+                        work_if_wanted(&rx);
+                    }
+                    _ => {
+                        work(&rx, true);
+                        assert_eq!(*replies.recv().unwrap(), 2 * id);
+                    }
+                }
+            }
+            let fresh = rings_made(&worker) - before;
+            let again = recycled(&coord);
+            // Rings did come back to be read again, and few new ones were made.
+            assert!(again >= 150, "only {again} rings used again");
+            assert!(fresh < 100, "{fresh} new rings for 300 jobs");
+            assert_kept_within_bounds(&coord, &worker);
+        }
+    }
+
+    /// More closed channels' rings than a side keeps: the rest are forgotten on both sides,
+    /// and the kept ones still serve later jobs.
+    #[test]
+    fn rings_past_the_bound_are_forgotten_on_both_sides() {
+        let (coord, worker, jobs, rx) = warmed_up();
+        // Answered and closed, their answers unread: each ring waits for its receiver.
+        let mut held = Vec::new();
+        for id in 0..2 * MAX_KEPT as u64 {
+            let replies = job(&jobs, id);
+            work(&rx, true);
+            held.push(replies);
+            // Past `CLOSED_COUNTS`, closed rings no longer stand in for offers: the worker
+            // makes new ones, so every job gets a ring of its own.
+            std::thread::sleep(CLOSED_COUNTS + Duration::from_millis(5));
+        }
+        let closed = || worker.conn.lock_offers_out().closed.len();
+        eventually("the worker keeps the closed rings", || {
+            closed() >= MAX_KEPT + 4
+        });
+        drop(held);
+        eventually("the rings past the bound are forgotten", || {
+            closed() <= MAX_KEPT
+        });
+        assert!(coord.conn.lock_offers_in().recycled.len() <= MAX_KEPT);
+        for id in 0..50 {
+            let replies = job(&jobs, id);
+            work(&rx, true);
+            assert_eq!(*replies.recv().unwrap(), 2 * id);
+        }
+        assert!(!coord.conn.is_dead() && !worker.conn.is_dead());
+    }
+
     #[test]
     fn bad_offers_are_refused() {
         let (a, _b) = Session::pair().unwrap();
@@ -598,6 +947,9 @@ mod tests {
             err(conn.dispatch_offer(1, &3u64.to_le_bytes(), vec![memfd()])).contains("capacity")
         );
         assert!(err(conn.dispatch_offer(1, &capacity, Vec::new())).contains("without its memfd"));
+        // A FORGET of a ring we do not keep does nothing (it may cross our CLOSE's reuse).
+        conn.dispatch_forget(12_345).unwrap();
+        assert!(!conn.is_dead());
         conn.dispatch_offer(7, &capacity, vec![memfd()]).unwrap();
         assert!(err(conn.dispatch_offer(7, &capacity, vec![memfd()])).contains("twice"));
         for id in 8..7 + MAX_OFFERS_IN as u32 {
