@@ -64,9 +64,14 @@ fn ring_mappings() -> usize {
         .count()
 }
 
+/// libchan's threads in this process (they are all named `libchan-*`). Not every thread: the
+/// test harness starts a thread for the next test (which then waits in `serial`) whenever it
+/// likes, and that one is no leak.
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")
         .expect("/proc/self/task")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("libchan"))
         .count()
 }
 
@@ -98,6 +103,12 @@ fn same_uid_upgrades_and_opt_out_stays_on_the_socket() {
 #[test]
 fn sigkill_wakes_every_blocked_call_and_leaks_nothing() {
     let _g = serial();
+    // Earlier tests' sessions wind down within their poll interval: start from none of
+    // libchan's threads, so that one of ours left behind shows.
+    assert!(
+        eventually(Duration::from_secs(5), || thread_count() == 0),
+        "libchan threads of earlier tests still run"
+    );
     let fds = fd_count();
     let maps = ring_mappings();
     let threads = thread_count();
@@ -123,8 +134,13 @@ fn sigkill_wakes_every_blocked_call_and_leaks_nothing() {
             }
             assert!(filled < 10_000, "the ring never fills");
         }
-        // One ring each way is mapped here (what the leak check below must see go).
+        // One ring each way is mapped here, and the session runs a thread of its own (what
+        // the leak check below must see go).
         assert!(ring_mappings() >= 2, "rings mapped: {}", ring_mappings());
+        assert!(
+            thread_count() > threads,
+            "no libchan thread runs the session"
+        );
         let session = std::sync::Arc::new(session);
         let (at, when) = mpsc::channel::<(&'static str, Instant)>();
         let mut blocked = Vec::new();
