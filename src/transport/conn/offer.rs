@@ -60,6 +60,12 @@ const OFFER_RETRY: Duration = Duration::from_millis(1);
 /// no longer stands in for a new offer.
 const CLOSED_COUNTS: Duration = Duration::from_millis(20);
 
+/// Rings of closed channels a side keeps for its peer before it stops making new offers: a
+/// peer that neither binds them again nor forgets them (its application holds the channels'
+/// receivers, or it breaks the protocol) does not make this side map rings without bound. Its
+/// channels then take the plain path.
+const MAX_CLOSED: usize = 64;
+
 /// Offer ids travel in 24 bits of a handle descriptor.
 const MAX_OFFER_ID: u32 = (1 << 24) - 1;
 
@@ -91,8 +97,11 @@ pub(super) struct OffersOut {
 
 impl OffersOut {
     /// Offers out: unbound ones, and rings of channels that closed here lately, which the peer
-    /// binds again (see [`CLOSED_COUNTS`]).
+    /// binds again (see [`CLOSED_COUNTS`]); all of them once [`MAX_CLOSED`] rings wait.
     fn out(&self) -> usize {
+        if self.closed.len() >= MAX_CLOSED {
+            return OFFERS;
+        }
         let recent = self
             .closed
             .values()
@@ -933,6 +942,31 @@ mod tests {
             assert_eq!(*replies.recv().unwrap(), 2 * id);
         }
         assert!(!coord.conn.is_dead() && !worker.conn.is_dead());
+    }
+
+    /// A coordinator that holds the receivers of closed reply channels keeps their rings from
+    /// coming back: the worker keeps them for it up to a bound, then stops making offers.
+    #[test]
+    fn rings_held_by_the_peer_stop_new_offers_at_a_bound() {
+        let (_coord, worker, jobs, rx) = warmed_up();
+        let mut held = Vec::new();
+        let jobs_run = MAX_CLOSED + 40;
+        for id in 0..jobs_run as u64 {
+            let replies = job(&jobs, id);
+            work(&rx, true);
+            held.push(replies);
+            // Past `CLOSED_COUNTS`, so that only the bound stops the worker making offers.
+            std::thread::sleep(CLOSED_COUNTS + Duration::from_millis(5));
+        }
+        let made = rings_made(&worker) as usize;
+        assert!(
+            made <= MAX_CLOSED + 2 * OFFERS,
+            "{made} rings for {jobs_run} jobs"
+        );
+        // Every answer is there, through an offered ring or the plain path.
+        for (id, replies) in held.iter().enumerate() {
+            assert_eq!(*replies.recv().unwrap(), 2 * id as u64);
+        }
     }
 
     #[test]
