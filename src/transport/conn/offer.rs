@@ -45,8 +45,12 @@ use crate::channel::{Feed, Handle, Inbox, Lane, SendCore};
 use crate::proto::frame::{self, HandleDesc, HandleKind};
 use crate::ring::shm::ShmRegion;
 
-/// Offers a side keeps out (made, not yet bound to a channel).
-pub(super) const OFFERS: usize = 4;
+/// Offers a side keeps out (made, not yet bound to a channel, or bound to a channel that closed
+/// lately). Eight, not four: with rings used again a job with a fresh reply channel takes a few
+/// microseconds, less than a used ring takes to come back (the CLOSE must reach the peer's
+/// session thread), and a job that finds no offer takes the socket path, tens of microseconds
+/// more (ARCHITECTURE.md section 2.39).
+pub(super) const OFFERS: usize = 8;
 
 /// Most offers a side accepts from its peer before it calls the peer broken.
 pub(super) const MAX_OFFERS_IN: usize = 16;
