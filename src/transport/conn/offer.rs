@@ -483,6 +483,8 @@ impl Conn {
             } else {
                 // The receiver is gone already: the channel is born closed. Its ring says so
                 // to the peer's first send, and what it may send on the socket is discarded.
+                // Its ring still comes back once the peer closes the channel.
+                self.track_bound_offer(id, offer, &ring);
                 ring.discard();
                 t.reset_inbound.insert(id);
             }
@@ -914,6 +916,23 @@ mod tests {
             assert!(fresh < 100, "{fresh} new rings for 300 jobs");
             assert_kept_within_bounds(&coord, &worker);
         }
+    }
+
+    /// A `Sender` handed over after its receiver is gone binds an offer too (the channel is
+    /// born closed); its ring comes back once the worker closes the channel.
+    #[test]
+    fn rings_of_channels_born_closed_come_back() {
+        let (coord, _worker, jobs, rx) = warmed_up();
+        let before = recycled(&coord);
+        for id in 0..50u64 {
+            let (reply, replies) = pipe::<u64>();
+            drop(replies);
+            jobs.send(Job { id, reply }).unwrap();
+            work_if_wanted(&rx);
+        }
+        eventually("rings of channels born closed come back", || {
+            recycled(&coord) >= before + 40
+        });
     }
 
     /// More closed channels' rings than a side keeps: the rest are forgotten on both sides,
