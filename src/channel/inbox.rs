@@ -101,6 +101,8 @@ pub(crate) struct Inbox {
     solo_only: AtomicBool,
     /// The receive spin's current bound, in microseconds (see `pop_lanes`).
     spin_us: std::sync::atomic::AtomicU32,
+    /// A receiving thread sleeps on the first lane's word (at most one does: see `pop_lanes`).
+    lane_sleeper: AtomicBool,
     /// Where the search for a lane with a message starts (see `poll_lanes`).
     next_lane: AtomicUsize,
     /// The ring local senders write into, made on the first local send.
@@ -191,6 +193,7 @@ impl Inbox {
             solo: std::sync::OnceLock::new(),
             solo_only: AtomicBool::new(false),
             spin_us: std::sync::atomic::AtomicU32::new(SPIN_FOR.as_micros() as u32),
+            lane_sleeper: AtomicBool::new(false),
             next_lane: AtomicUsize::new(0),
             local: std::sync::OnceLock::new(),
         })
@@ -701,6 +704,28 @@ impl Inbox {
                 self.lock().recv_waiters.retain(|t| t.id() != me.id());
                 continue;
             };
+            // One receiving thread at a time sleeps on the lane's word. The ring's doorbell is a
+            // flag the waker takes, with one wake-up for however many records: a second thread
+            // asleep there would miss every later wake-up (the flag already taken) and sleep on
+            // with messages waiting, or through the channel's close. The others wait in
+            // `recv_waiters` for the one on the lane to hand over, or for a local event.
+            if self.lane_sleeper.swap(true, Ordering::AcqRel) {
+                let me = thread::current();
+                {
+                    let mut s = self.lock();
+                    if !s.queue.is_empty() || s.senders == 0 {
+                        continue;
+                    }
+                    s.recv_waiters.push(me.clone());
+                }
+                // The sleeper clears the flag before it takes the lock to hand over: under the
+                // lock one of us sees the other (and an unpark before our park is kept).
+                if self.lane_sleeper.load(Ordering::Acquire) && !ready() {
+                    wait.park();
+                }
+                self.lock().recv_waiters.retain(|t| t.id() != me.id());
+                continue;
+            }
             let word = first.park_prepare();
             if !ready() {
                 let mut timeout = match wait {
@@ -714,6 +739,21 @@ impl Inbox {
                 let _ = sys::futex_wait(word, 1, timeout);
             }
             first.park_done();
+            self.lane_sleeper.store(false, Ordering::Release);
+            // Another receiving thread takes over the watch: what woke us may be one message of
+            // several, or the end of the channel.
+            self.hand_over_watch();
+        }
+    }
+
+    /// Wakes one receiving thread waiting for the lane's sleeper to hand over (see `pop_lanes`).
+    fn hand_over_watch(&self) {
+        let next = {
+            let s = self.lock();
+            s.recv_waiters.first().cloned()
+        };
+        if let Some(t) = next {
+            t.unpark();
         }
     }
 

@@ -60,6 +60,7 @@ macro_rules! conformance {
             robust::c26_blocking_send_waits_for_receiver,
             robust::c27_loans_arrive_in_order,
             robust::c28_held_messages_do_not_stall_the_sender,
+            robust::c29_receiving_threads_share_a_channel,
         );
     };
     (@cases $name:ident, $transport:ty;

@@ -646,3 +646,62 @@ pub fn c28_held_messages_do_not_stall_the_sender<X: Transport>() {
     join(peer);
     assert_eq!(end(&rx), RecvTimeoutError::Closed);
 }
+
+/// Case 29: several threads receive from one channel. Each message goes to one of them; a
+/// receiver busy with a message does not keep the others from the next ones, however they
+/// wait; and every one of them sees the channel's end. (A ring wakes one sleeper for a batch:
+/// threads asleep on it at once must not lose a wake-up.)
+pub fn c29_receiving_threads_share_a_channel<X: Transport>() {
+    const THREADS: u64 = 3;
+    const MESSAGES: u64 = 50;
+    let t = X::new();
+    let (tx, rx) = t.channel::<u64>();
+    let rx = Arc::new(rx);
+    let (got, seen) = std::sync::mpsc::channel::<u64>();
+    let (hold, held) = std::sync::mpsc::channel::<()>();
+    let held = Arc::new(std::sync::Mutex::new(held));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (rx, got, held) = (rx.clone(), got.clone(), held.clone());
+            spawn("receiver", move || {
+                let mut n = 0;
+                while let Ok(m) = rx.recv() {
+                    let v = m.to_native();
+                    drop(m);
+                    got.send(v).unwrap();
+                    n += 1;
+                    if v == 0 {
+                        // Busy with message 0 until the others have received the rest.
+                        held.lock().unwrap().recv().unwrap();
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    drop(got);
+    // Let the receivers go to sleep before each burst, so they are woken, not caught spinning.
+    std::thread::sleep(Duration::from_millis(20));
+    tx.send(0).expect("send");
+    assert_eq!(seen.recv_timeout(PATIENCE), Ok(0));
+    std::thread::sleep(Duration::from_millis(20));
+    let mut all = vec![false; MESSAGES as usize];
+    all[0] = true;
+    for i in 1..MESSAGES {
+        tx.send(i).expect("send");
+        if i % 10 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    for _ in 1..MESSAGES {
+        let v = seen
+            .recv_timeout(PATIENCE)
+            .expect("a message waited while one receiver was busy");
+        assert!(!std::mem::replace(&mut all[v as usize], true), "{v} twice");
+    }
+    hold.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(tx);
+    let total: u64 = threads.into_iter().map(join).sum();
+    assert_eq!(total, MESSAGES);
+}

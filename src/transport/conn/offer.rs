@@ -935,6 +935,60 @@ mod tests {
         });
     }
 
+    /// Several coordinator threads and two worker threads at once, reply channels answered and
+    /// read, answered and dropped unread, or dropped before their job: every answer read is its
+    /// own job's, whichever ring it came through, in both trust modes.
+    #[test]
+    fn reply_rings_reused_under_concurrency_carry_only_their_answers() {
+        for opts in [Options::default(), Options::new().trust(Trust::Untrusted)] {
+            let (coord, worker, jobs, rx) = warmed_up_with(&opts);
+            let rx = Arc::new(rx);
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    let rx = rx.clone();
+                    std::thread::spawn(move || {
+                        while let Ok(m) = rx.recv() {
+                            let reply = m.take(&m.reply).unwrap();
+                            let _ = reply.send(m.id.to_native() * 2);
+                        }
+                    })
+                })
+                .collect();
+            let clients: Vec<_> = (0..3u64)
+                .map(|c| {
+                    let jobs = jobs.clone();
+                    std::thread::spawn(move || {
+                        for n in 0..200u64 {
+                            let id = c * 1_000 + n;
+                            let (reply, replies) = pipe::<u64>();
+                            match n % 4 {
+                                0 => drop(replies),
+                                _ => {
+                                    jobs.send(Job { id, reply }).unwrap();
+                                    if n % 4 == 1 {
+                                        continue; // answered, dropped unread
+                                    }
+                                    let got = replies.recv_timeout(Duration::from_secs(10));
+                                    assert_eq!(*got.unwrap(), 2 * id, "client {c} job {n}");
+                                    continue;
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for c in clients {
+                c.join().unwrap();
+            }
+            drop(jobs);
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert!(recycled(&coord) > 0, "no ring was used again");
+            assert!(!coord.conn.is_dead() && !worker.conn.is_dead());
+        }
+    }
+
     /// More closed channels' rings than a side keeps: the rest are forgotten on both sides,
     /// and the kept ones still serve later jobs.
     #[test]
@@ -972,20 +1026,28 @@ mod tests {
     #[test]
     fn rings_held_by_the_peer_stop_new_offers_at_a_bound() {
         let (_coord, worker, jobs, rx) = warmed_up();
+        let closed = || worker.conn.lock_offers_out().closed.len();
         let mut held = Vec::new();
-        let jobs_run = MAX_CLOSED + 40;
-        for id in 0..jobs_run as u64 {
+        let mut id = 0u64;
+        let mut run = |held: &mut Vec<Receiver<u64>>| {
             let replies = job(&jobs, id);
             work(&rx, true);
             held.push(replies);
+            id += 1;
             // Past `CLOSED_COUNTS`, so that only the bound stops the worker making offers.
             std::thread::sleep(CLOSED_COUNTS + Duration::from_millis(5));
+        };
+        while closed() < MAX_CLOSED {
+            assert!(held.len() < 4 * MAX_CLOSED, "closed rings do not pile up");
+            run(&mut held);
         }
-        let made = rings_made(&worker) as usize;
-        assert!(
-            made <= MAX_CLOSED + 2 * OFFERS,
-            "{made} rings for {jobs_run} jobs"
-        );
+        let at_bound = rings_made(&worker);
+        for _ in 0..40 {
+            run(&mut held);
+        }
+        // Without the bound, every one of these 40 jobs makes a ring.
+        let more = rings_made(&worker) - at_bound;
+        assert!(more <= OFFERS as u32, "{more} rings made past the bound");
         // Every answer is there, through an offered ring or the plain path.
         for (id, replies) in held.iter().enumerate() {
             assert_eq!(*replies.recv().unwrap(), 2 * id as u64);
