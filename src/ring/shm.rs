@@ -111,8 +111,9 @@ impl ShmRegion {
 // SAFETY: each promise of the `Region` contract, for as long as the `ShmRegion` lives:
 // - Non-null, `REGION_ALIGN`-aligned, constant pointer; constant length: `MmapRaw` returns the
 //   address and length of one `mmap` call, made once in `map` and unmapped only when the last
-//   handle to it drops (`share` hands out more; the mapping is never moved or resized); `map` checked the alignment (mmap is page-aligned) and
-//   refused a zero length, for which memmap2 would return a dangling placeholder.
+//   handle to it drops (`share` hands out more; the mapping is never moved or resized); `map`
+//   checked the alignment (mmap is page-aligned) and refused a zero length, for which memmap2
+//   would return a dangling placeholder.
 // - All `len` bytes initialised, readable and writable from any thread: the mapping is
 //   `MAP_SHARED` with `PROT_READ | PROT_WRITE` (`map_raw`), and every byte is backed by the
 //   file: its size equals the mapping's length, and the size seal (checked before mapping, and

@@ -25,11 +25,12 @@
 //! any more, that side reads the ring to its end, releases it, and puts it back among the
 //! maker's offers it holds, under the same id, to bind to its next `Sender`. The maker keeps
 //! the ring of every channel on its offers that closed (before its CLOSE goes), so a
-//! SENDER_RING may name it again; and it counts those rings as offers out, making new ones
-//! only while fewer than [`OFFERS`] are unbound or closed. A side that will not bind a ring
-//! again (it holds enough) says so with FORGET, and both unmap it. A job with a fresh reply
-//! `Sender` thus costs no memfd, mapping or unmapping once the session has its few rings, and
-//! no frame beyond the CLOSE it always had. Offer ids are never used twice in a session.
+//! SENDER_RING may name it again; and it counts those that closed lately as offers out,
+//! making new ones only while fewer than [`OFFERS`] are unbound or lately closed. A side that
+//! will not bind a ring again (it holds enough) says so with FORGET, and both unmap it. A job
+//! with a fresh reply `Sender` thus costs no memfd, mapping or unmapping once the session has
+//! its few rings, and no frame beyond the CLOSE it always had. Offer ids are never used twice
+//! in a session.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
@@ -82,7 +83,7 @@ pub(super) const MAX_KEPT: usize = 16;
 #[derive(Default)]
 pub(super) struct OffersOut {
     /// The last offer id used: ids go up from 1 and are never reused in a session (at
-    /// `MAX_OFFER_ID` no new ring is offered; returned ones still are).
+    /// `MAX_OFFER_ID` no new ring is offered; the peer still binds the ones it has again).
     last_id: u32,
     /// Offers the peer has not bound yet, by id.
     unbound: HashMap<u32, RingOut>,
