@@ -870,18 +870,16 @@ mod tests {
         let (coord, worker, jobs, rx) = warmed_up();
         let before = rings_made(&worker);
         for id in 0..200u64 {
+            // Every job binds an offer (a busy machine may not have put one back yet).
+            eventually("an offer to bind", || offered(&coord) > 0);
             let replies = job(&jobs, id);
             work(&rx, true);
             assert_eq!(*replies.recv().unwrap(), 2 * id);
         }
-        let fresh = rings_made(&worker) - before;
+        eventually("the rings come back", || recycled(&coord) >= 190);
         // Without reuse every job's answer takes a ring of its own: 200.
-        assert!(fresh < 50, "{fresh} new rings for 200 jobs");
-        assert!(
-            recycled(&coord) >= 150,
-            "{} rings used again",
-            recycled(&coord)
-        );
+        let fresh = rings_made(&worker) - before;
+        assert!(fresh < 100, "{fresh} new rings for 200 jobs");
         assert_kept_within_bounds(&coord, &worker);
     }
 
@@ -894,6 +892,7 @@ mod tests {
             let (coord, worker, jobs, rx) = warmed_up_with(&opts);
             let before = rings_made(&worker);
             for id in 0..300u64 {
+                eventually("an offer to bind", || offered(&coord) > 0);
                 let replies = job(&jobs, id);
                 match id % 3 {
                     0 => {
@@ -910,11 +909,10 @@ mod tests {
                     }
                 }
             }
+            // Rings did come back to be read again, and fewer new ones were made than jobs.
+            eventually("the rings come back", || recycled(&coord) >= 250);
             let fresh = rings_made(&worker) - before;
-            let again = recycled(&coord);
-            // Rings did come back to be read again, and few new ones were made.
-            assert!(again >= 150, "only {again} rings used again");
-            assert!(fresh < 100, "{fresh} new rings for 300 jobs");
+            assert!(fresh < 150, "{fresh} new rings for 300 jobs");
             assert_kept_within_bounds(&coord, &worker);
         }
     }
@@ -924,16 +922,18 @@ mod tests {
     #[test]
     fn rings_of_channels_born_closed_come_back() {
         let (coord, _worker, jobs, rx) = warmed_up();
-        let before = recycled(&coord);
-        for id in 0..50u64 {
+        for id in 0..20u64 {
+            // An offer to bind (a busy machine may not have put one back yet).
+            eventually("an offer to bind", || offered(&coord) > 0);
+            let before = recycled(&coord);
             let (reply, replies) = pipe::<u64>();
             drop(replies);
             jobs.send(Job { id, reply }).unwrap();
             work_if_wanted(&rx);
+            eventually("the ring of a channel born closed comes back", || {
+                recycled(&coord) > before
+            });
         }
-        eventually("rings of channels born closed come back", || {
-            recycled(&coord) >= before + 40
-        });
     }
 
     /// Several coordinator threads and two worker threads at once, reply channels answered and
