@@ -412,8 +412,8 @@ pub(crate) struct RingIn {
     /// wake a sleeping receiver whatever the shared parked word says (the peer can clear it).
     untrusted: bool,
     /// The channel bound to this ring when it is one the peer offered (0 otherwise): the ring
-    /// goes back to the peer once the channel is closed and this reader is gone (see
-    /// `conn::offer`).
+    /// goes back among the peer's offers we hold once the channel is closed and this reader is
+    /// gone (see `conn::offer`).
     bound: AtomicU32,
 }
 
@@ -815,8 +815,8 @@ impl RingIn {
 }
 
 impl Drop for RingIn {
-    /// A ring the peer offered goes back to it once its channel is closed too (see
-    /// `conn::offer`): nothing of it is read or held here any more.
+    /// A ring the peer offered goes back among its offers we hold once its channel is closed
+    /// too (see `conn::offer`): nothing of it is read or held here any more.
     fn drop(&mut self) {
         let chan = self.bound.load(Ordering::Relaxed);
         if chan != 0 {

@@ -82,7 +82,8 @@ pub(crate) struct Conn {
     offers_out: Mutex<offer::OffersOut>,
     /// The peer's ring offers, mapped, for the next `Sender` we hand over (see `offer`).
     offers_in: Mutex<offer::OffersIn>,
-    /// The peer's rings bound to our channels, on their way back to it (see `offer`).
+    /// The peer's rings bound to our channels, to be bound again once those close (see
+    /// `offer`).
     returns: Mutex<offer::Returns>,
     /// Rings holding back a record until more RING frames are dispatched.
     ring_waiters: Mutex<Vec<std::sync::Weak<super::shm::RingIn>>>,

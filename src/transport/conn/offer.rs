@@ -137,7 +137,7 @@ impl OffersIn {
     }
 }
 
-/// The peer's rings bound to our channels, on their way back to our offers.
+/// The peer's rings bound to our channels, on their way back among its offers we hold.
 #[derive(Default)]
 pub(super) struct Returns {
     /// Channels bound to one of the peer's offers, by channel id.
@@ -652,7 +652,7 @@ mod tests {
         let before = rings_made(&worker);
 
         // Senders handed over and dropped unused: every one closes its channel, and its ring
-        // comes back to be offered again; no new ring is made for them.
+        // comes back to be bound again; no new ring is made for them.
         for id in 0..3 * OFFERS as u64 {
             let replies = job(&jobs, id);
             work(&rx, false);
