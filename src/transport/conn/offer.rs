@@ -363,13 +363,18 @@ impl Conn {
 
     /// A channel on one of our offers sent its first message: one offer to replace.
     pub(crate) fn offer_used(&self) {
-        {
+        let due = {
             let mut o = self.lock_offers_out();
             o.budget = (o.budget + 1).min(OFFERS);
-        }
+            o.out() < OFFERS
+        };
         // The session's thread makes it (it may be asleep in `poll`): offers are bound as
-        // fast as jobs come, and messages read from rings do not wake it.
-        self.interrupt();
+        // fast as jobs come, and messages read from rings do not wake it. Not when enough
+        // rings are out (rings of closed channels the peer binds again count): a wake-up per
+        // job would put the session's thread on the application's cores for nothing.
+        if due {
+            self.interrupt();
+        }
     }
 
     /// Whether offers are due and may be tried now: the session's thread stops reading to make
