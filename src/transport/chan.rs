@@ -485,13 +485,19 @@ impl Outlet for OutChan {
 impl Drop for OutChan {
     fn drop(&mut self) {
         if self.offer != 0 {
-            // Kept before the CLOSE goes, which lets the peer hand the ring back.
+            // Kept before the channel closes, which lets the peer hand the ring back. The
+            // close goes through the ring when it can: a record the receiving thread reads,
+            // where a CLOSE frame would wake the peer's session thread.
             let ring = std::mem::replace(
                 self.ring.get_mut().unwrap_or_else(|e| e.into_inner()),
                 RingState::Unavailable,
             );
             if let RingState::Ready(ring) = ring {
-                self.conn.offer_closed(self.offer, ring);
+                let stamp = self.conn.next_stamp();
+                if self.conn.offer_closed(self.offer, ring, stamp) {
+                    self.conn.forget_outbound(self.id);
+                    return;
+                }
             }
         }
         self.conn.close_outbound(self.id);

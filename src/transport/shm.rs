@@ -20,6 +20,8 @@
 //! [`TAG_MESSAGE`] (an archive follows) or [`TAG_ON_SOCKET`] (this channel's next message comes
 //! on the socket, as a DATA frame). The socket's DATA frames for a ring channel wait in the
 //! ring's own queue until their tag is reached, so per-channel order holds across both paths.
+//! [`TAG_HANDLES`] carries `Sender`s on ring offers beside an archive, and [`TAG_CLOSE`] closes
+//! a channel bound to a ring offer in place of its CLOSE frame.
 //!
 //! Waiting: a receiver spins, then sleeps on the ring's "consumer parked" futex word, which the
 //! sender wakes only when it is set. A sender facing a full ring does the same on the "producer
@@ -60,6 +62,10 @@ pub(crate) const TAG_ON_SOCKET: u32 = 2;
 /// no fd and no frame of their own go this way (SENDER_RING); the receiving thread opens their
 /// channels itself.
 pub(crate) const TAG_HANDLES: u32 = 3;
+/// The sender closed the channel: nothing follows. Only on a ring the reader's side bound to
+/// an offer (a reply channel), where it stands in for the CLOSE frame, so that closing such a
+/// channel wakes no session thread on either side (see `conn::offer`).
+pub(crate) const TAG_CLOSE: u32 = 4;
 
 /// Most handle descriptors one TAG_HANDLES record carries.
 pub(crate) const MAX_RING_HANDLES: usize = 16;
@@ -489,6 +495,23 @@ impl RingIn {
         self.bound.store(chan, Ordering::Relaxed);
     }
 
+    /// Whether this ring is one the peer offered, bound to a channel.
+    pub(crate) fn offered(&self) -> bool {
+        self.bound.load(Ordering::Relaxed) != 0
+    }
+
+    /// Tells the writer that nothing more will be read (the *consumer gone* word), and wakes
+    /// it if it waits for room: it then fails its sends as disconnected, with no RESET.
+    pub(crate) fn mark_reader_gone(&self) {
+        let st = self.lock();
+        st.cons.mark_gone();
+        // Pairs with the fence in `RingOut::gone_after_commit`, as in `discard`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Some(word) = st.cons.wake_needed() {
+            let _ = futex_wake(word, 1);
+        }
+    }
+
     /// A handle on the ring's mapping, which keeps it mapped after this reader is gone.
     pub(crate) fn share_region(&self) -> ShmRegion {
         self.lock().cons.region().share()
@@ -596,16 +619,19 @@ impl RingIn {
     }
 
     /// Reads the ring to its end, releasing every record, and returns the descriptors of the
-    /// TAG_HANDLES records among them (for `discard`). Stops at a corrupt record.
-    fn drain_handles(st: &mut InState) -> Vec<Vec<HandleDesc>> {
+    /// TAG_HANDLES records among them, and whether a TAG_CLOSE record was among them (for
+    /// `discard`). Stops at a corrupt record.
+    fn drain_handles(st: &mut InState) -> (Vec<Vec<HandleDesc>>, bool) {
         let mut unread = Vec::new();
+        let mut closed = false;
         if st.copy_out {
             while let Ok(Some(s)) = Self::stage(st) {
                 if s.tag == TAG_HANDLES {
                     unread.extend(parse_handles(&s.bytes).ok().map(|(d, _)| d));
                 }
+                closed |= s.tag == TAG_CLOSE;
             }
-            return unread;
+            return (unread, closed);
         }
         while let Ok(Some(rec)) = st.cons.peek() {
             // SAFETY: not copy-out mode: a trusted same-uid producer (as in `try_pop`).
@@ -613,11 +639,32 @@ impl RingIn {
             if bytes.len() >= TAG_LEN && bytes[..4] == TAG_HANDLES.to_le_bytes() {
                 unread.extend(parse_handles(&bytes[TAG_LEN..]).ok().map(|(d, _)| d));
             }
+            closed |= bytes.len() >= TAG_LEN && bytes[..4] == TAG_CLOSE.to_le_bytes();
             st.cons.consume(rec);
             Self::took(st, rec, true);
         }
         Self::sweep(st);
-        unread
+        (unread, closed)
+    }
+
+    /// A TAG_CLOSE record was read: the channel is closed, as by the CLOSE frame its sender
+    /// did not send. The session hears it from here (the channel's entry goes, and its ring
+    /// can go back among the peer's offers), so closing a reply channel wakes no session
+    /// thread. Only a ring bound to an offer carries one; on any other the peer broke the
+    /// protocol and the session ends.
+    fn closed_in_ring(&self) -> LanePop {
+        self.closed.store(true, Ordering::Release);
+        self.finished.store(true, Ordering::Release);
+        let chan = self.bound.load(Ordering::Relaxed);
+        if let Some(conn) = self.conn.upgrade() {
+            if chan == 0 {
+                self.dead.store(true, Ordering::Release);
+                conn.fail("peer broke a channel's ring: close record on a ring not offered");
+            } else {
+                conn.closed_in_ring(chan);
+            }
+        }
+        LanePop::Done
     }
 
     /// Opens the channels of a TAG_HANDLES record's descriptors. `None` when the session is
@@ -737,6 +784,10 @@ impl RingIn {
                         st.on_socket_seq.push_back(staged.seq);
                         continue;
                     }
+                    TAG_CLOSE => {
+                        drop(st);
+                        return self.closed_in_ring();
+                    }
                     _ => return self.corrupt(st, Corrupt::new("unknown record tag")),
                 }
             }
@@ -805,6 +856,12 @@ impl RingIn {
                     Self::sweep(&mut st);
                     st.on_socket += 1;
                     st.on_socket_seq.push_back(seq);
+                }
+                Some(TAG_CLOSE) => {
+                    Self::took(&mut st, rec, true);
+                    Self::sweep(&mut st);
+                    drop(st);
+                    return self.closed_in_ring();
                 }
                 _ => return self.corrupt(st, Corrupt::new("unknown record tag")),
             }
@@ -948,17 +1005,20 @@ impl Lane for RingIn {
 
     fn discard(&self) {
         self.finished.store(true, Ordering::Release);
-        let (dropped, unread) = {
+        let (dropped, unread, closed) = {
             let mut st = self.lock();
             // The sender stops at its next message, without waiting for our RESET.
             st.cons.mark_gone();
             // Pairs with the fence in `RingOut::gone_after_commit`: a record committed before
             // the sender could see the mark is seen by the drain below.
             std::sync::atomic::fence(Ordering::SeqCst);
-            let unread = Self::drain_handles(&mut st);
+            let (unread, closed) = Self::drain_handles(&mut st);
             st.staged = None;
-            (std::mem::take(&mut st.socket), unread)
+            (std::mem::take(&mut st.socket), unread, closed)
         };
+        if closed {
+            self.closed_in_ring();
+        }
         // Channels that unread records open are opened and closed at once, as they would be
         // for a DATA frame on a reset channel: their receivers (the peer's) see them close.
         for descs in unread {

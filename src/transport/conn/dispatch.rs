@@ -4,6 +4,7 @@
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::super::blob::Blob;
@@ -100,6 +101,7 @@ impl Conn {
             }
             Kind::Data => self.dispatch_data(header.chan, &header, body, fds),
             Kind::Close => {
+                self.closes_heard.fetch_add(1, Ordering::Relaxed);
                 self.close_inbound(header.chan);
                 // Only the peer's CLOSE says it writes no more into the channel's ring.
                 self.offer_ring_closed(header.chan);
@@ -113,6 +115,7 @@ impl Conn {
             Kind::Join => self.dispatch_join(header.chan, header.arg, body),
             Kind::Reset => {
                 frame::parse_reset(&header, body)?;
+                self.resets_heard.fetch_add(1, Ordering::Relaxed);
                 if let Some(o) = self.outbound(header.chan) {
                     o.mark_reset();
                 }

@@ -98,6 +98,10 @@ pub(crate) struct Conn {
     /// When a sender last read the socket before sending (`keepalive::now_ms`; see
     /// `poll_input_before_send`).
     polled_before_send: AtomicU64,
+    /// CLOSE and RESET frames the peer sent (statistics: channels on offered rings close
+    /// through the ring, and their receivers leave out RESET).
+    pub(super) closes_heard: AtomicU64,
+    pub(super) resets_heard: AtomicU64,
     /// Who the peer is, for log lines ("tcp 10.0.0.2:4711", "unix").
     peer: String,
 }
@@ -275,6 +279,8 @@ impl Conn {
             last_heard: AtomicU64::new(keepalive::now_ms()),
             last_ping: AtomicU64::new(0),
             polled_before_send: AtomicU64::new(u64::MAX),
+            closes_heard: AtomicU64::new(0),
+            resets_heard: AtomicU64::new(0),
             peer,
         });
         if keepalive.is_some() {
@@ -501,6 +507,12 @@ impl Conn {
         if let Some(c) = inchan {
             c.inbox.remove_feed(self, false);
         }
+    }
+
+    /// Forgets channel `id`, which we sent on, closed without a CLOSE frame (through its ring:
+    /// see `offer_closed`).
+    pub(crate) fn forget_outbound(&self, id: u32) {
+        self.lock_table().outbound.remove(&id);
     }
 
     /// Forgets an outbound channel whose last sender is gone and tells the peer.
@@ -749,6 +761,14 @@ impl Feed for Conn {
         };
         let mut buf = Vec::new();
         for c in &gone {
+            if let Some(ring) = c.ring.get().filter(|r| r.offered()) {
+                // A channel on a ring we bound to the peer's offer: the ring's *consumer
+                // gone* word tells its writer, with no RESET to wake the peer's session
+                // thread. The writer then closes the channel through the ring, or with CLOSE
+                // when it sees the word after writing its close record.
+                ring.mark_reader_gone();
+                continue;
+            }
             frame::encode_reset(
                 &mut buf,
                 c.id,

@@ -29,8 +29,15 @@
 //! making new ones only while fewer than [`OFFERS`] are unbound or lately closed. A side that
 //! will not bind a ring again (it holds enough) says so with FORGET, and both unmap it. A job
 //! with a fresh reply `Sender` thus costs no memfd, mapping or unmapping once the session has
-//! its few rings, and no frame beyond the CLOSE it always had. Offer ids are never used twice
-//! in a session.
+//! its few rings. Offer ids are never used twice in a session.
+//!
+//! Nor does it cost a frame: a channel on an offered ring closes through the ring (a TAG_CLOSE
+//! record after its last message, which the receiving thread reads and acts on as the CLOSE
+//! frame's dispatch would: `closed_in_ring`), and a receiver that goes first sets the ring's
+//! *consumer gone* word instead of sending RESET. A frame would wake the other side's session
+//! thread, on the cores the application runs on, for every job. CLOSE is still sent when the
+//! writer finds the reader gone after writing its record (the reader may have stopped before
+//! it), or no room for it.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
@@ -39,10 +46,10 @@ use std::time::{Duration, Instant};
 
 use super::super::chan::InChan;
 use super::super::direct;
-use super::super::shm::{RingIn, RingOut, RING_CAPACITY};
+use super::super::shm::{RingIn, RingOut, Stamp, RING_CAPACITY, TAG_CLOSE};
 use super::dispatch::Violation;
 use super::Conn;
-use crate::channel::{Feed, Handle, Inbox, Lane, SendCore};
+use crate::channel::{Feed, Handle, Inbox, Lane, SendCore, Wait};
 use crate::proto::frame::{self, HandleDesc, HandleKind};
 use crate::ring::shm::ShmRegion;
 
@@ -211,15 +218,35 @@ impl Conn {
         Some(id)
     }
 
-    /// The channel on our offer `id` closed on this side (its `OutChan` is gone, its CLOSE not
-    /// written yet): keep its ring, which the peer may bind again.
-    pub(crate) fn offer_closed(&self, id: u32, ring: RingOut) {
+    /// The channel on our offer `id` closed on this side (its `OutChan` is gone): keep its
+    /// ring, which the peer may bind again, and close the channel through it, with a TAG_CLOSE
+    /// record stamped `stamp` after its last message. Returns whether that record closes it:
+    /// `false` when the ring had no room for it, or its reader was gone already and may not
+    /// read it; the caller then sends the CLOSE frame (a channel closed both ways is closed
+    /// once: the second close does nothing).
+    pub(crate) fn offer_closed(&self, id: u32, ring: RingOut, stamp: Stamp) -> bool {
         if !self.shm() || self.cannot_send() {
-            return;
+            return false;
         }
-        self.lock_offers_out()
+        let mut o = self.lock_offers_out();
+        // Kept before the record goes, under the same lock: the peer may bind the ring again
+        // (SENDER_RING naming `id`, which `take_offer` looks up) as soon as it reads the record.
+        let (ring, _) = o
             .closed
-            .insert(id, (ring, Instant::now()));
+            .entry(id)
+            .insert_entry((ring, Instant::now()))
+            .into_mut();
+        let written = ring
+            .write(TAG_CLOSE, stamp, &[], Wait::No, &|| false)
+            .is_ok();
+        written && !ring.gone_after_commit()
+    }
+
+    /// A TAG_CLOSE record closed channel `chan`, bound to one of the peer's offers: what its
+    /// CLOSE frame would have done, done by the thread that read the record.
+    pub(crate) fn closed_in_ring(&self, chan: u32) {
+        self.close_inbound(chan);
+        self.offer_ring_closed(chan);
     }
 
     /// A FORGET frame: the peer will not bind our offer `id` again; unmap its ring. (A FORGET
@@ -565,6 +592,7 @@ impl Conn {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
     use super::*;
@@ -886,6 +914,84 @@ mod tests {
         let fresh = rings_made(&worker) - before;
         assert!(fresh < 100, "{fresh} new rings for 200 jobs");
         assert_kept_within_bounds(&coord, &worker);
+    }
+
+    /// A reply channel on an offered ring closes through the ring: its receiver reads the
+    /// answer, then `Closed`, and the coordinator's session hears no CLOSE frame (which would
+    /// wake its thread for every job); the rings still come back.
+    #[test]
+    fn reply_channels_close_through_their_rings() {
+        for opts in [Options::default(), Options::new().trust(Trust::Untrusted)] {
+            let (coord, worker, jobs, rx) = warmed_up_with(&opts);
+            let closes = coord.conn.closes_heard.load(Ordering::Relaxed);
+            let recycled_before = recycled(&coord);
+            for id in 0..100u64 {
+                eventually("an offer to bind", || offered(&coord) > 0);
+                let replies = job(&jobs, id);
+                work(&rx, true);
+                assert_eq!(*replies.recv().unwrap(), 2 * id);
+                assert!(
+                    matches!(replies.recv(), Err(crate::RecvError::Closed)),
+                    "job {id}: the reply channel did not close"
+                );
+            }
+            assert_eq!(
+                coord.conn.closes_heard.load(Ordering::Relaxed) - closes,
+                0,
+                "reply channels closed by CLOSE frames"
+            );
+            eventually("the rings come back", || {
+                recycled(&coord) - recycled_before >= 100
+            });
+            assert!(
+                coord.conn.lock_table().inbound.len() <= 1,
+                "channels left open"
+            );
+            assert_kept_within_bounds(&coord, &worker);
+        }
+    }
+
+    /// A reply receiver dropped on an offered ring, right after its answer (before or after
+    /// the close record came) or before the answer: no RESET, and no CLOSE frame unless the
+    /// receiver went before the record; the worker's answer to a receiver already gone fails;
+    /// nothing stays in either side's tables, and the rings come back.
+    #[test]
+    fn reply_receivers_go_without_a_reset() {
+        for opts in [Options::default(), Options::new().trust(Trust::Untrusted)] {
+            let (coord, worker, jobs, rx) = warmed_up_with(&opts);
+            let resets = worker.conn.resets_heard.load(Ordering::Relaxed);
+            let recycled_before = recycled(&coord);
+            for id in 0..150u64 {
+                eventually("an offer to bind", || offered(&coord) > 0);
+                let replies = job(&jobs, id);
+                if id % 3 == 0 {
+                    drop(replies);
+                    let m = rx.recv().unwrap();
+                    let reply = m.take(&m.reply).unwrap();
+                    eventually("the worker sees the receiver gone", || {
+                        reply.is_disconnected()
+                    });
+                    assert!(reply.send(1).is_err(), "job {id}: an answer to nobody");
+                } else {
+                    work(&rx, true);
+                    assert_eq!(*replies.recv().unwrap(), 2 * id);
+                }
+            }
+            assert_eq!(
+                worker.conn.resets_heard.load(Ordering::Relaxed) - resets,
+                0,
+                "reply receivers sent RESET"
+            );
+            eventually("the rings come back", || {
+                recycled(&coord) - recycled_before >= 150
+            });
+            eventually("no channel is left open on either side", || {
+                let t = coord.conn.lock_table();
+                t.inbound.len() <= 1 && t.reset_inbound.is_empty()
+            });
+            assert!(worker.conn.lock_table().outbound.len() <= 1);
+            assert_kept_within_bounds(&coord, &worker);
+        }
     }
 
     /// Reply receivers dropped with their answer unread (or before it came) leave it in the
