@@ -725,6 +725,9 @@ mod tests {
         let replies = job(&jobs, 1);
         work(&rx, true);
         assert_eq!(*replies.recv().unwrap(), 2);
+        // Read to the close: a receiver dropped earlier would send RESET, maybe after the
+        // caller started counting frames.
+        assert!(replies.recv().is_err());
         eventually("offers arrive", || offered(&coord) == OFFERS);
         (coord, worker, jobs, rx)
     }
