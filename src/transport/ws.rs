@@ -385,7 +385,8 @@ impl Drop for WsLink {
     /// frame, then the connection closes once the peer has closed its side, from the closer
     /// thread. Closing at once could reset the connection (the kernel answers the peer's
     /// late bytes with a reset), and a proxy in between drops what it had not yet passed on
-    /// when it sees a reset: the peer would lose the end of the session.
+    /// when it sees a reset: the peer would lose the end of the session. For the same reason
+    /// the FIN waits for the peer's answer to the close frame (see [`Closing`]).
     fn drop(&mut self) {
         let mut st = self.lock();
         if st.eof {
@@ -399,18 +400,26 @@ impl Drop for WsLink {
             io: self.io.clone(),
             state: self.state.clone(),
             until: Instant::now() + closer::CLOSE_LINGER,
+            answered: false,
             fin: false,
         }));
     }
 }
 
 /// A dropped link waiting for its peer to close: its remaining output (the close frame) is
-/// pushed out, followed by a FIN on `ws://`, and its input is read and discarded until the
-/// peer closes or `until` passes.
+/// pushed out, and its input is read and discarded until the peer closes or `until` passes.
+/// On `ws://` a FIN follows once the peer has answered the close frame, not before: a
+/// reverse proxy (nginx) that sees one side half-close ends the tunnel at once, closing its
+/// connection to the peer with whatever the peer sent last (CREDIT frames) unread, so the
+/// kernel resets that connection and drops what the proxy had queued for the peer, the end
+/// of the session included. The peer answers only after reading everything sent before the
+/// close frame, so after its answer there is nothing left to lose.
 struct Closing {
     io: Io,
     state: Arc<Mutex<State>>,
     until: Instant,
+    /// The peer's close frame arrived: it has read all that this side sent.
+    answered: bool,
     /// The FIN (`ws://`) is sent, or not needed (`wss://`: TLS sends its close_notify when the
     /// stream drops).
     fin: bool,
@@ -423,22 +432,22 @@ impl closer::Closing for Closing {
             st.ws.flush(),
             Err(tungstenite::Error::Io(ref e)) if e.kind() == io::ErrorKind::WouldBlock
         );
-        if flushed && !self.fin {
+        loop {
+            match st.ws.read() {
+                Ok(Message::Close(_)) => self.answered = true,
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // The peer closed (or broke) the connection: done.
+                Err(_) => return true,
+            }
+        }
+        if flushed && self.answered && !self.fin {
             self.fin = true;
             if let Io::Plain(sock) = &self.io {
                 let _ = rustix::net::shutdown(&**sock, rustix::net::Shutdown::Write);
             }
         }
-        loop {
-            match st.ws.read() {
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Instant::now() >= self.until;
-                }
-                // The peer closed (or broke) the connection: done.
-                Err(_) => return true,
-            }
-        }
+        Instant::now() >= self.until
     }
 }
 
@@ -615,5 +624,108 @@ fn write_error(e: tungstenite::Error) -> io::Error {
             io::Error::new(io::ErrorKind::BrokenPipe, "the WebSocket is closed")
         }
         e => io::Error::other(format!("WebSocket: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use closer::Closing as _;
+    use std::net::TcpListener;
+    use tungstenite::protocol::Role;
+
+    /// A lingering close on `ws://` over a loopback connection, stepped by hand (no closer
+    /// thread), and the blocking WebSocket server at the other end.
+    fn closing_pair() -> (Closing, WebSocket<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let ours = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (theirs, _) = listener.accept().expect("accept");
+        ours.set_nonblocking(true).expect("non-blocking");
+        let sock = Arc::new(OwnedFd::from(ours));
+        let ws = WebSocket::from_raw_socket(Stream::Plain(sock.clone()), Role::Client, None);
+        let mut st = State {
+            ws,
+            input: Bytes::new(),
+            pending: false,
+            eof: false,
+        };
+        // What `WsLink::drop` does: the last data, then the close frame.
+        st.ws
+            .write(Message::Binary(Bytes::from_static(
+                b"the end of the session",
+            )))
+            .expect("write");
+        let _ = st.ws.close(None);
+        let closing = Closing {
+            io: Io::Plain(sock),
+            state: Arc::new(Mutex::new(st)),
+            // Far off: only the peer decides when this ends.
+            until: Instant::now() + Duration::from_secs(3600),
+            answered: false,
+            fin: false,
+        };
+        let peek = theirs.try_clone().expect("clone");
+        let peer = WebSocket::from_raw_socket(theirs, Role::Server, None);
+        (closing, peer, peek)
+    }
+
+    /// Whether the connection's end (a FIN) reached `sock` within `wait`.
+    fn ended_within(sock: &TcpStream, wait: Duration) -> bool {
+        sock.set_read_timeout(Some(wait)).expect("timeout");
+        let mut b = [0u8; 1];
+        match sock.peek(&mut b) {
+            Ok(0) => true,
+            Ok(_) => panic!("unread bytes at the peer"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
+            Err(e) => panic!("peek: {e}"),
+        }
+    }
+
+    #[test]
+    fn fin_waits_for_the_peers_close_frame() {
+        let (mut closing, mut peer, peek) = closing_pair();
+        assert!(!closing.step(), "the peer has not closed");
+        match peer.read().expect("data") {
+            Message::Binary(b) => assert_eq!(&b[..], b"the end of the session"),
+            other => panic!("expected the data, got {other:?}"),
+        }
+        assert!(matches!(peer.read(), Ok(Message::Close(None))));
+        // The peer has not answered yet (tungstenite sends its answer on the next call): no
+        // FIN may come, or a proxy in between would end the tunnel now.
+        assert!(!closing.step(), "the peer has not closed");
+        assert!(
+            !ended_within(&peek, Duration::from_millis(200)),
+            "FIN before the peer answered the close frame"
+        );
+        // The answer; then the FIN follows.
+        match peer.flush() {
+            // tungstenite's server sends the answer and reports the WebSocket closed.
+            Ok(()) | Err(tungstenite::Error::ConnectionClosed) => {}
+            Err(e) => panic!("answer the close frame: {e}"),
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(!closing.step(), "the peer has not closed");
+            if ended_within(&peek, Duration::from_millis(10)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no FIN after the answer");
+        }
+        // The peer closes its side: done.
+        drop((peer, peek));
+        loop {
+            if closing.step() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the close did not end");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
