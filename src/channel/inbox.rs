@@ -260,6 +260,7 @@ impl Inbox {
         let lanes = std::mem::take(&mut *self.lanes.write().unwrap_or_else(|e| e.into_inner()));
         for lane in lanes {
             lane.discard();
+            lane.retire();
         }
         // Dropping the entries outside the lock: their handles may close channels that lead
         // back here. Their credit is still returned so a session's window stays honest.
@@ -590,7 +591,10 @@ impl Inbox {
                 *lanes = live;
                 done
             };
-            // Dropped outside the lock: the last reference unmaps the ring.
+            // Retired and dropped outside the lock: the last reference unmaps the ring.
+            for lane in &gone {
+                lane.retire();
+            }
             drop(gone);
         }
         taken

@@ -93,6 +93,11 @@ pub(crate) trait Lane: Send + Sync {
     /// Nobody will receive any more: drop what waits (closing its handles) and finish.
     fn discard(&self);
 
+    /// The inbox dropped this lane, finished or discarded, and holds no lock: what finishing
+    /// asks of others (a lane closed by a record tells its session) happens here, since the
+    /// inbox reads its lanes under its lanes lock, which that work could need again.
+    fn retire(&self) {}
+
     /// Where the next message stands in its sender's order: the sending session, and the
     /// message's number in it; `None` when there is no next message yet. Lanes of one session
     /// deliver in number order.

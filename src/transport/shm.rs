@@ -421,6 +421,10 @@ pub(crate) struct RingIn {
     /// goes back among the peer's offers we hold once the channel is closed and this reader is
     /// gone (see `conn::offer`).
     bound: AtomicU32,
+    /// A TAG_CLOSE record was read; the session is told once (`tell_closed`), with no lock
+    /// held.
+    close_read: AtomicBool,
+    close_told: AtomicBool,
 }
 
 // SAFETY: `word` points into the shared mapping owned by `state`'s consumer, which lives as long
@@ -487,6 +491,8 @@ impl RingIn {
             finished: AtomicBool::new(false),
             untrusted: copy_out,
             bound: AtomicU32::new(0),
+            close_read: AtomicBool::new(false),
+            close_told: AtomicBool::new(false),
         }))
     }
 
@@ -647,24 +653,28 @@ impl RingIn {
         (unread, closed)
     }
 
-    /// A TAG_CLOSE record was read: the channel is closed, as by the CLOSE frame its sender
-    /// did not send. The session hears it from here (the channel's entry goes, and its ring
-    /// can go back among the peer's offers), so closing a reply channel wakes no session
-    /// thread. Only a ring bound to an offer carries one; on any other the peer broke the
-    /// protocol and the session ends.
+    /// A TAG_CLOSE record was read (only on a ring bound to an offer; on any other it is an
+    /// unknown record, and the session ends): the channel is closed, as by the CLOSE frame
+    /// its sender did not send. The session hears it from the receiving thread
+    /// (`tell_closed`, once the inbox let go of its locks), so closing a reply channel wakes
+    /// no session thread.
     fn closed_in_ring(&self) -> LanePop {
+        self.close_read.store(true, Ordering::Release);
         self.closed.store(true, Ordering::Release);
         self.finished.store(true, Ordering::Release);
-        let chan = self.bound.load(Ordering::Relaxed);
-        if let Some(conn) = self.conn.upgrade() {
-            if chan == 0 {
-                self.dead.store(true, Ordering::Release);
-                conn.fail("peer broke a channel's ring: close record on a ring not offered");
-            } else {
-                conn.closed_in_ring(chan);
-            }
-        }
         LanePop::Done
+    }
+
+    /// Tells the session that a TAG_CLOSE record closed the channel (see `closed_in_ring`):
+    /// the channel's entry goes, and its ring can go back among the peer's offers. Once.
+    fn tell_closed(&self) {
+        if !self.close_read.load(Ordering::Acquire) || self.close_told.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        if let Some(conn) = self.conn.upgrade() {
+            conn.closed_in_ring(self.bound.load(Ordering::Relaxed));
+        }
     }
 
     /// Opens the channels of a TAG_HANDLES record's descriptors. `None` when the session is
@@ -784,7 +794,7 @@ impl RingIn {
                         st.on_socket_seq.push_back(staged.seq);
                         continue;
                     }
-                    TAG_CLOSE => {
+                    TAG_CLOSE if self.offered() => {
                         drop(st);
                         return self.closed_in_ring();
                     }
@@ -857,7 +867,7 @@ impl RingIn {
                     st.on_socket += 1;
                     st.on_socket_seq.push_back(seq);
                 }
-                Some(TAG_CLOSE) => {
+                Some(TAG_CLOSE) if self.offered() => {
                     Self::took(&mut st, rec, true);
                     Self::sweep(&mut st);
                     drop(st);
@@ -1016,7 +1026,10 @@ impl Lane for RingIn {
             st.staged = None;
             (std::mem::take(&mut st.socket), unread, closed)
         };
-        if closed {
+        if closed && self.offered() {
+            // The inbox tells the session (`retire`), with no lock held; a ring discarded as
+            // its channel is bound (born closed) is closed by the writer's CLOSE, since the
+            // writer sees the gone mark set before it could write anything.
             self.closed_in_ring();
         }
         // Channels that unread records open are opened and closed at once, as they would be
@@ -1039,6 +1052,10 @@ impl Lane for RingIn {
 
     fn park_done(&self) {
         self.word().store(0, Ordering::Relaxed);
+    }
+
+    fn retire(&self) {
+        self.tell_closed();
     }
 
     fn unpark(&self) {
