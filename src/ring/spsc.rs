@@ -1051,6 +1051,34 @@ impl<R: Memory> Consumer<R> {
         Ok(rec)
     }
 
+    /// Calls `f` on each committed record from the read cursor on, without consuming any (the
+    /// cursor is back where it was afterwards): a look at what the producer has left, e.g. once
+    /// it is gone. Stops when `f` returns true, at a record not committed yet, or after one
+    /// lap's worth of records.
+    ///
+    /// # Errors
+    ///
+    /// As [`peek`](Self::peek).
+    pub(crate) fn look_ahead(
+        &mut self,
+        mut f: impl FnMut(&Self, Record) -> bool,
+    ) -> Result<(), Corrupt> {
+        let start = self.read;
+        let mut looked = Ok(());
+        for _ in 0..self.ring.cap / RECORD_ALIGN {
+            match self.peek() {
+                Ok(Some(rec)) if !f(self, rec) => self.read = rec.end(),
+                Ok(_) => break,
+                Err(c) => {
+                    looked = Err(c);
+                    break;
+                }
+            }
+        }
+        self.read = start;
+        looked
+    }
+
     /// Hands every consumed record (and skipped padding) back to the producer.
     pub(crate) fn release(&mut self) {
         self.publish_head(self.read);
@@ -1556,6 +1584,36 @@ mod tests {
     fn pop_vec(c: &mut C) -> Option<Vec<u8>> {
         let rec = c.pop().expect("not corrupt")?;
         Some(c.to_vec(rec))
+    }
+
+    #[test]
+    fn look_ahead_sees_what_is_left_and_consumes_nothing() {
+        let (mut p, mut c) = pair(256);
+        for i in 1..=3u8 {
+            assert!(push(&mut p, &[i; 20]));
+        }
+        assert_eq!(pop_vec(&mut c), Some(vec![1; 20]));
+        let mut seen = Vec::new();
+        c.look_ahead(|c, rec| {
+            seen.push(c.to_vec(rec));
+            false
+        })
+        .unwrap();
+        assert_eq!(seen, vec![vec![2; 20], vec![3; 20]]);
+        let mut first = None;
+        c.look_ahead(|c, rec| {
+            first = Some(c.to_vec(rec));
+            true
+        })
+        .unwrap();
+        assert_eq!(first, Some(vec![2; 20]), "stops when told to");
+        assert_eq!(
+            pop_vec(&mut c),
+            Some(vec![2; 20]),
+            "the cursor did not move"
+        );
+        assert_eq!(pop_vec(&mut c), Some(vec![3; 20]));
+        assert_eq!(pop_vec(&mut c), None);
     }
 
     fn payload(seed: usize, len: usize) -> Vec<u8> {

@@ -665,6 +665,36 @@ impl RingIn {
         LanePop::Done
     }
 
+    /// Whether the writer closed the channel with a TAG_CLOSE record, read or still waiting
+    /// in the ring. For the session's end, which must tell a channel closed in order (its
+    /// receiver reads what is left, then `Closed`) from one cut off.
+    pub(crate) fn close_pending(&self) -> bool {
+        if !self.offered() {
+            return false;
+        }
+        if self.close_read.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut st = self.lock();
+        if st.staged.as_ref().is_some_and(|s| s.tag == TAG_CLOSE) {
+            return true;
+        }
+        let copy_out = st.copy_out;
+        let mut found = false;
+        let _ = st.cons.look_ahead(|cons, rec| {
+            let tag = if copy_out {
+                // Copy-out mode never reads the ring in place.
+                cons.to_vec(rec).first_chunk::<4>().copied()
+            } else {
+                // SAFETY: not copy-out mode: a trusted same-uid producer (as in `try_pop`).
+                unsafe { cons.bytes(rec) }.first_chunk::<4>().copied()
+            };
+            found = rec.len() >= TAG_LEN && tag == Some(TAG_CLOSE.to_le_bytes());
+            found
+        });
+        found
+    }
+
     /// Tells the session that a TAG_CLOSE record closed the channel (see `closed_in_ring`):
     /// the channel's entry goes, and its ring can go back among the peer's offers. Once.
     fn tell_closed(&self) {

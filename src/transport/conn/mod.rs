@@ -667,10 +667,13 @@ impl Conn {
             (inbound, outbound, std::mem::take(&mut t.accept_waiters))
         };
         for c in inbound {
-            if let Some(ring) = c.ring.get() {
+            // A channel whose writer closed it through its ring before the end is closed in
+            // order, not cut off: its receiver reads what is left, then `Closed`.
+            let closed = c.ring.get().is_some_and(|ring| {
                 ring.mark_dead();
-            }
-            c.inbox.remove_feed(self, true);
+                ring.close_pending()
+            });
+            c.inbox.remove_feed(self, !closed);
         }
         for o in outbound {
             o.wake();

@@ -954,6 +954,33 @@ mod tests {
         }
     }
 
+    /// A worker that answers, closes its reply channels and ends its session in order: the
+    /// coordinator reads each answer, then `Closed` (not `Disconnected`), also when the
+    /// session's end is seen before the close records are read.
+    #[test]
+    fn reply_channels_closed_before_the_session_ends_read_closed() {
+        for opts in [Options::default(), Options::new().trust(Trust::Untrusted)] {
+            let (coord, worker, jobs, rx) = warmed_up_with(&opts);
+            let mut pending = Vec::new();
+            for id in 0..4u64 {
+                eventually("an offer to bind", || offered(&coord) > 0);
+                pending.push((id, job(&jobs, id)));
+                work(&rx, true);
+            }
+            drop((rx, worker));
+            eventually("the coordinator sees the session end", || {
+                coord.conn.is_dead()
+            });
+            for (id, replies) in pending {
+                assert_eq!(*replies.recv().unwrap(), 2 * id);
+                assert!(
+                    matches!(replies.recv(), Err(crate::RecvError::Closed)),
+                    "job {id}: the reply channel did not read Closed"
+                );
+            }
+        }
+    }
+
     /// A reply receiver dropped on an offered ring, right after its answer (before or after
     /// the close record came) or before the answer: no RESET, and no CLOSE frame unless the
     /// receiver went before the record; the worker's answer to a receiver already gone fails;
