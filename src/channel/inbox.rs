@@ -543,14 +543,15 @@ impl Inbox {
         }
         let mut finished = false;
         let mut taken = None;
-        {
+        // The lane to read, chosen under the lanes lock and read without it: reading a lane
+        // may call into its session (a record's handles open channels, a broken ring ends the
+        // session), which takes the session's locks, and a thread holding those may wait for
+        // this lock (it wakes our lanes). Order across lanes does not need the lock: a lane
+        // added after the choice is ordered by its records' "rings announced".
+        let chosen: Option<Arc<dyn Lane>> = {
             let lanes = self.lanes.read().unwrap_or_else(|e| e.into_inner());
             if lanes.len() == 1 {
-                match lanes[0].try_pop() {
-                    LanePop::Entry(e) => taken = Some(e),
-                    LanePop::Empty => {}
-                    LanePop::Done => finished = true,
-                }
+                Some(lanes[0].clone())
             } else if let Some((session, _)) = {
                 // Start the search at a different lane each time, so one busy session cannot
                 // starve the others.
@@ -558,20 +559,14 @@ impl Inbox {
                 let start = self.next_lane.fetch_add(1, Ordering::Relaxed) % n.max(1);
                 (0..n).find_map(|i| lanes[(start + i) % n].order())
             } {
-                let first = lanes
+                lanes
                     .iter()
                     .filter_map(|l| match l.order() {
                         Some((s, seq)) if s == session => Some((seq, l)),
                         _ => None,
                     })
-                    .min_by_key(|(seq, _)| *seq);
-                if let Some((_, lane)) = first {
-                    match lane.try_pop() {
-                        LanePop::Entry(e) => taken = Some(e),
-                        LanePop::Empty => {}
-                        LanePop::Done => finished = true,
-                    }
-                }
+                    .min_by_key(|(seq, _)| *seq)
+                    .map(|(_, l)| l.clone())
             } else {
                 // Nothing seen: notice finished lanes, and take nothing. A message that came
                 // since the look above waits for the next call, which orders it: taken here, in
@@ -580,6 +575,14 @@ impl Inbox {
                 for l in lanes.iter() {
                     finished |= l.try_finish();
                 }
+                None
+            }
+        };
+        if let Some(lane) = chosen {
+            match lane.try_pop() {
+                LanePop::Entry(e) => taken = Some(e),
+                LanePop::Empty => {}
+                LanePop::Done => finished = true,
             }
         }
         if finished {
