@@ -668,6 +668,25 @@ impl<R: Memory> Producer<R> {
         self.tail - self.cached_head + need as u64 <= self.ring.cap as u64
     }
 
+    /// Where the next reservation starts: the end of everything reserved so far.
+    pub(crate) fn position(&self) -> u64 {
+        self.tail
+    }
+
+    /// Whether the consumer has released everything before `pos` (a position this producer
+    /// reserved up to), reloading its `head`.
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve`](Self::reserve).
+    pub(crate) fn released_through(&mut self, pos: u64) -> Result<bool, Corrupt> {
+        if let Some(corrupt) = self.corrupt {
+            return Err(corrupt);
+        }
+        self.reload_head()?;
+        Ok(self.cached_head >= pos)
+    }
+
     /// Loads the consumer's `head` into the cache.
     fn reload_head(&mut self) -> Result<(), Corrupt> {
         // Acquire: pairs with the Release store of `head` in `Consumer::publish_head`, so the

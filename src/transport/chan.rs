@@ -247,7 +247,13 @@ impl OutChan {
     /// this does not apply (the message then goes the usual way).
     fn send_handles_on_ring(&self, packet: &Packet, wait: Wait) -> Option<Result<(), PushError>> {
         let n = packet.handles.len();
-        if n == 0 || !self.conn.may_export_on_offers(&packet.handles) {
+        if n == 0 {
+            return None;
+        }
+        // Rings of channels the peer closed through them after our reader went come back
+        // among the offers first.
+        self.conn.look_for_closes();
+        if !self.conn.may_export_on_offers(&packet.handles) {
             return None;
         }
         self.with_ring(|out| {
@@ -494,7 +500,7 @@ impl Drop for OutChan {
             );
             if let RingState::Ready(ring) = ring {
                 let stamp = self.conn.next_stamp();
-                if self.conn.offer_closed(self.offer, ring, stamp) {
+                if self.conn.offer_closed(self.offer, self.id, ring, stamp) {
                     self.conn.forget_outbound(self.id);
                     return;
                 }

@@ -93,6 +93,17 @@ impl RingOut {
         Ok((RingOut { prod }, fd))
     }
 
+    /// Where the next record starts: the end of everything written so far.
+    pub(crate) fn position(&self) -> u64 {
+        self.prod.position()
+    }
+
+    /// Whether the reader has read and released everything before `pos`; a broken ring
+    /// counts as not.
+    pub(crate) fn read_through(&mut self, pos: u64) -> bool {
+        self.prod.released_through(pos).unwrap_or(false)
+    }
+
     /// Whether a message of `len` bytes fits one record.
     pub(crate) fn fits(&self, len: usize) -> bool {
         len + TAG_LEN <= self.prod.max_len()

@@ -99,6 +99,9 @@ impl Conn {
             return Ok(out);
         }
         let handles = self.introduce_direct(handles);
+        // Before the table's lock: rings the peer closed unseen come back among the offers
+        // a `Sender` below may bind.
+        self.look_for_closes();
         let mut t = self.lock_table();
         // Every id first: once a handle is taken apart it cannot be given back, and dropping
         // one under the table's lock could re-enter it (a channel end closing).

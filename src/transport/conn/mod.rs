@@ -85,6 +85,8 @@ pub(crate) struct Conn {
     /// The peer's rings bound to our channels, to be bound again once those close (see
     /// `offer`).
     returns: Mutex<offer::Returns>,
+    /// `Returns::waiting` may hold channels: `look_for_closes` has something to look at.
+    returns_waiting: AtomicBool,
     /// Rings holding back a record until more RING frames are dispatched.
     ring_waiters: Mutex<Vec<std::sync::Weak<super::shm::RingIn>>>,
     /// Pumped streams running on this session (`pump`, bounded by `pump::MAX_PER_SESSION`).
@@ -273,6 +275,7 @@ impl Conn {
             offers_out: Mutex::new(offer::OffersOut::default()),
             offers_in: Mutex::new(offer::OffersIn::default()),
             returns: Mutex::new(offer::Returns::default()),
+            returns_waiting: AtomicBool::new(false),
             ring_waiters: Mutex::new(Vec::new()),
             pumps: AtomicU32::new(0),
             keepalive,
@@ -861,6 +864,8 @@ fn spawn_control_reader(conn: &Arc<Conn>) -> Result<(), Error> {
                     return;
                 }
                 // Offers the socket did not take when they were due (see `offer`).
+                conn.look_for_closes();
+                conn.settle_gone_closes();
                 conn.top_up_offers(false);
                 let until = Wait::Until(Instant::now() + CONTROL_POLL);
                 conn.drive(until, &|| conn.offers_due());

@@ -41,6 +41,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,12 @@ const CLOSED_COUNTS: Duration = Duration::from_millis(20);
 /// channels then take the plain path.
 const MAX_CLOSED: usize = 64;
 
+/// How long a channel closed through its ring after its reader went waits for the reader's
+/// side to find the close record before it gets a CLOSE frame as well (see
+/// `OffersOut::gone_closes`). The reader's side looks when it binds its next offer and on its
+/// session thread's turn.
+const GONE_CLOSE_WAIT: Duration = Duration::from_millis(50);
+
 /// Offer ids travel in 24 bits of a handle descriptor.
 const MAX_OFFER_ID: u32 = (1 << 24) - 1;
 
@@ -105,6 +112,20 @@ pub(super) struct OffersOut {
     budget: usize,
     /// The socket refused an offer: no new try before this.
     retry_after: Option<Instant>,
+    /// Channels closed through their rings whose reader was gone when the close record went:
+    /// it may have stopped before the record, and then learns of the close when its side
+    /// looks into the ring (`look_for_closes`). If it has not after `GONE_CLOSE_WAIT` (it
+    /// cannot look into a ring it unmapped), CLOSE goes (`settle_gone_closes`).
+    gone_closes: Vec<GoneClose>,
+}
+
+/// A channel closed through its ring while its reader was gone (see `OffersOut::gone_closes`).
+struct GoneClose {
+    offer: u32,
+    chan: u32,
+    /// Where the close record ends in the ring.
+    end: u64,
+    at: Instant,
 }
 
 impl OffersOut {
@@ -149,6 +170,10 @@ impl OffersIn {
 pub(super) struct Returns {
     /// Channels bound to one of the peer's offers, by channel id.
     bound: HashMap<u32, BoundOffer>,
+    /// Channels among them whose reader is gone while the peer had not closed them, with the
+    /// ring still mapped: the peer's close record may come without a frame (its writer saw
+    /// the reader gone after writing it), so `look_for_closes` looks into these rings.
+    waiting: Vec<u32>,
     /// Rings put back among the offers so far.
     recycled: u64,
 }
@@ -218,13 +243,14 @@ impl Conn {
         Some(id)
     }
 
-    /// The channel on our offer `id` closed on this side (its `OutChan` is gone): keep its
+    /// Channel `chan` on our offer `id` closed on this side (its `OutChan` is gone): keep its
     /// ring, which the peer may bind again, and close the channel through it, with a TAG_CLOSE
     /// record stamped `stamp` after its last message. Returns whether that record closes it:
-    /// `false` when the ring had no room for it, or its reader was gone already and may not
-    /// read it; the caller then sends the CLOSE frame (a channel closed both ways is closed
-    /// once: the second close does nothing).
-    pub(crate) fn offer_closed(&self, id: u32, ring: RingOut, stamp: Stamp) -> bool {
+    /// `false` when the ring had no room for it, and the caller sends the CLOSE frame. When
+    /// the reader was gone already, and may have stopped before the record, the channel waits
+    /// in `gone_closes` for the reader's side to find the record, or for a CLOSE frame (a
+    /// channel closed both ways is closed once: the second close does nothing).
+    pub(crate) fn offer_closed(&self, id: u32, chan: u32, ring: RingOut, stamp: Stamp) -> bool {
         if !self.shm() || self.cannot_send() {
             return false;
         }
@@ -236,10 +262,56 @@ impl Conn {
             .entry(id)
             .insert_entry((ring, Instant::now()))
             .into_mut();
-        let written = ring
+        if ring
             .write(TAG_CLOSE, stamp, &[], Wait::No, &|| false)
-            .is_ok();
-        written && !ring.gone_after_commit()
+            .is_err()
+        {
+            return false;
+        }
+        if ring.gone_after_commit() {
+            let end = ring.position();
+            o.gone_closes.push(GoneClose {
+                offer: id,
+                chan,
+                end,
+                at: Instant::now(),
+            });
+        }
+        true
+    }
+
+    /// Sends CLOSE for the channels closed through their rings after their readers went
+    /// (`OffersOut::gone_closes`) whose close record the peer has not read in
+    /// `GONE_CLOSE_WAIT`. A ring the peer bound again, or forgot, was read to its end.
+    /// Runs on the session's thread, at each of its turns.
+    pub(super) fn settle_gone_closes(&self) {
+        let late: Vec<u32> = {
+            let mut o = self.lock_offers_out();
+            if o.gone_closes.is_empty() {
+                return;
+            }
+            let waiting = std::mem::take(&mut o.gone_closes);
+            let mut late = Vec::new();
+            for g in waiting {
+                if g.at.elapsed() < GONE_CLOSE_WAIT {
+                    o.gone_closes.push(g);
+                    continue;
+                }
+                if let Some((ring, _)) = o.closed.get_mut(&g.offer) {
+                    if !ring.read_through(g.end) {
+                        late.push(g.chan);
+                    }
+                }
+            }
+            late
+        };
+        if !late.is_empty() && !self.is_dead() {
+            let mut buf = Vec::with_capacity(16 * late.len());
+            for chan in late {
+                frame::encode_close(&mut buf, chan);
+            }
+            self.send_control(&buf);
+        }
     }
 
     /// A TAG_CLOSE record closed channel `chan`, bound to one of the peer's offers: what its
@@ -306,6 +378,9 @@ impl Conn {
                         let unmapped = r.bound.get_mut(&chan).and_then(|b| b.region.take());
                         drop(r);
                         drop(unmapped);
+                    } else {
+                        r.waiting.push(chan);
+                        self.returns_waiting.store(true, Ordering::Release);
                     }
                 }
                 return;
@@ -318,6 +393,70 @@ impl Conn {
         if let Some(b) = done {
             self.hand_back(b);
         }
+    }
+
+    /// Looks for the close record in the rings of channels whose reader is gone while the peer
+    /// had them open (`Returns::waiting`): a peer that wrote it after our reader went sends no
+    /// CLOSE at once (see `settle_gone_closes`). A ring that has it is closed, as by its
+    /// CLOSE, and goes back among the offers. What else the ring holds, answers nobody will
+    /// read, is released. Runs where no lock of the session is held: before a `Sender` binds
+    /// an offer, and on the session thread's turn.
+    pub(crate) fn look_for_closes(&self) {
+        if !self.returns_waiting.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let chans = std::mem::take(&mut self.lock_returns().waiting);
+        for chan in chans {
+            // Taken out of the entry while we look, so nothing else reads the ring meanwhile.
+            let region = {
+                let mut r = self.lock_returns();
+                match r.bound.get_mut(&chan) {
+                    Some(b) if b.released && !b.closed => b.region.take(),
+                    _ => None,
+                }
+            };
+            let Some(region) = region else {
+                continue;
+            };
+            let closed = Self::close_record_in(&region);
+            {
+                let mut r = self.lock_returns();
+                if let Some(b) = r.bound.get_mut(&chan) {
+                    b.region = Some(region);
+                    if !closed {
+                        r.waiting.push(chan);
+                        self.returns_waiting.store(true, Ordering::Release);
+                    }
+                }
+            }
+            if closed {
+                self.closed_in_ring(chan);
+            }
+        }
+    }
+
+    /// Reads the ring in `region`, whose reader is gone, to its end, releasing what it reads;
+    /// returns whether a TAG_CLOSE record was among it. Copies each record out, as for an
+    /// untrusted peer.
+    fn close_record_in(region: &ShmRegion) -> bool {
+        // SAFETY: the channel's reader, the ring's only consumer on this side, is gone (its
+        // `RingIn` dropped), and `look_for_closes` took the region out of the table while it
+        // reads, so no other consumer is attached.
+        let Ok(mut cons) = (unsafe { crate::ring::spsc::Consumer::attach(region.share()) }) else {
+            return false;
+        };
+        let mut closed = false;
+        for _ in 0..cons.capacity() / crate::ring::spsc::RECORD_ALIGN {
+            match cons.pop() {
+                Ok(Some(rec)) => {
+                    let bytes = cons.to_vec(rec);
+                    closed |= bytes.len() >= 16 && bytes[..4] == TAG_CLOSE.to_le_bytes();
+                }
+                _ => break,
+            }
+        }
+        cons.release();
+        closed
     }
 
     /// Puts the ring of a closed channel back among the peer's offers we hold: reads it to
@@ -990,6 +1129,7 @@ mod tests {
         for opts in [Options::default(), Options::new().trust(Trust::Untrusted)] {
             let (coord, worker, jobs, rx) = warmed_up_with(&opts);
             let resets = worker.conn.resets_heard.load(Ordering::Relaxed);
+            let closes = coord.conn.closes_heard.load(Ordering::Relaxed);
             let recycled_before = recycled(&coord);
             for id in 0..150u64 {
                 eventually("an offer to bind", || offered(&coord) > 0);
@@ -1012,6 +1152,11 @@ mod tests {
                 0,
                 "reply receivers sent RESET"
             );
+            // The worker's close records after the receivers went are found by the next job
+            // that binds an offer: no CLOSE frame, but perhaps for the last job or two (the
+            // coordinator's session thread may look after the worker's gave up waiting).
+            let frames = coord.conn.closes_heard.load(Ordering::Relaxed) - closes;
+            assert!(frames <= 2, "{frames} CLOSE frames for 150 jobs");
             eventually("the rings come back", || {
                 recycled(&coord) - recycled_before >= 150
             });
@@ -1160,6 +1305,46 @@ mod tests {
             work(&rx, true);
             assert_eq!(*replies.recv().unwrap(), 2 * id);
         }
+        assert!(!coord.conn.is_dead() && !worker.conn.is_dead());
+    }
+
+    /// Reply receivers dropped while the worker holds their senders, more than the rings the
+    /// coordinator keeps mapped for them: when the worker then closes the channels through
+    /// their rings, the coordinator finds the close records in the rings it kept, and the
+    /// worker sends CLOSE for the others (whose records nobody reads); every channel ends on
+    /// both sides.
+    #[test]
+    fn close_records_nobody_reads_are_followed_by_close_frames() {
+        let (coord, worker, jobs, rx) = warmed_up();
+        let mut senders = Vec::new();
+        for id in 0..(MAX_KEPT + 8) as u64 {
+            eventually("an offer to bind", || offered(&coord) > 0);
+            let replies = job(&jobs, id);
+            let m = rx.recv().unwrap();
+            let reply = m.take(&m.reply).unwrap();
+            // A first message on the ring, which lets the worker make the next offer.
+            reply.send(id).unwrap();
+            senders.push(reply);
+            drop(replies);
+        }
+        let kept_unclosed = || coord.conn.lock_returns().bound.len();
+        eventually("every receiver's ring is released", || {
+            kept_unclosed() == MAX_KEPT + 8
+        });
+        let closes = coord.conn.closes_heard.load(Ordering::Relaxed);
+        drop(senders);
+        eventually("every channel ends on the coordinator's side", || {
+            let t = coord.conn.lock_table();
+            t.reset_inbound.is_empty() && t.inbound.len() <= 1 && kept_unclosed() == 0
+        });
+        eventually("and on the worker's", || {
+            worker.conn.lock_offers_out().gone_closes.is_empty()
+        });
+        let frames = coord.conn.closes_heard.load(Ordering::Relaxed) - closes;
+        assert!(
+            (8..=MAX_KEPT as u64 + 8).contains(&frames),
+            "{frames} CLOSE frames: 8 rings were unmapped"
+        );
         assert!(!coord.conn.is_dead() && !worker.conn.is_dead());
     }
 
