@@ -53,6 +53,7 @@ use super::Conn;
 use crate::channel::{Feed, Handle, Inbox, Lane, SendCore, Wait};
 use crate::proto::frame::{self, HandleDesc, HandleKind};
 use crate::ring::shm::ShmRegion;
+use crate::ring::spsc::{Consumer, RECORD_ALIGN};
 
 /// Offers a side keeps out (made, not yet bound to a channel, or bound to a channel that closed
 /// lately). Eight, not four: with rings used again a job with a fresh reply channel takes a few
@@ -189,6 +190,24 @@ struct BoundOffer {
     closed: bool,
     /// The reader is gone: nothing of the ring is held here.
     released: bool,
+}
+
+/// Reads a ring whose reader is gone to its end and releases it: what its receiver left
+/// unread, which nobody will read. Returns whether a TAG_CLOSE record was among it; `None`
+/// for a broken ring, or one that does not end within a lap and a record (a peer that keeps
+/// writing into it must not keep this thread here). Copies each record out, as for an
+/// untrusted peer.
+fn drain_gone_ring(cons: &mut Consumer<ShmRegion>) -> Option<bool> {
+    let mut closed = false;
+    for _ in 0..=cons.capacity() / RECORD_ALIGN {
+        let Some(rec) = cons.pop().ok()? else {
+            cons.release();
+            return Some(closed);
+        };
+        let bytes = cons.to_vec(rec);
+        closed |= bytes.len() >= 16 && bytes[..4] == TAG_CLOSE.to_le_bytes();
+    }
+    None
 }
 
 impl Conn {
@@ -402,7 +421,10 @@ impl Conn {
     /// read, is released. Runs where no lock of the session is held: before a `Sender` binds
     /// an offer, and on the session thread's turn.
     pub(crate) fn look_for_closes(&self) {
-        if !self.returns_waiting.swap(false, Ordering::AcqRel) {
+        // A load first: this runs for every message that carries a `Sender`.
+        if !self.returns_waiting.load(Ordering::Acquire)
+            || !self.returns_waiting.swap(false, Ordering::AcqRel)
+        {
             return;
         }
         let chans = std::mem::take(&mut self.lock_returns().waiting);
@@ -435,28 +457,16 @@ impl Conn {
         }
     }
 
-    /// Reads the ring in `region`, whose reader is gone, to its end, releasing what it reads;
-    /// returns whether a TAG_CLOSE record was among it. Copies each record out, as for an
-    /// untrusted peer.
+    /// Whether the ring in `region`, whose reader is gone, holds its channel's close record
+    /// (read, with everything before it, and released).
     fn close_record_in(region: &ShmRegion) -> bool {
         // SAFETY: the channel's reader, the ring's only consumer on this side, is gone (its
         // `RingIn` dropped), and `look_for_closes` took the region out of the table while it
         // reads, so no other consumer is attached.
-        let Ok(mut cons) = (unsafe { crate::ring::spsc::Consumer::attach(region.share()) }) else {
+        let Ok(mut cons) = (unsafe { Consumer::attach(region.share()) }) else {
             return false;
         };
-        let mut closed = false;
-        for _ in 0..cons.capacity() / crate::ring::spsc::RECORD_ALIGN {
-            match cons.pop() {
-                Ok(Some(rec)) => {
-                    let bytes = cons.to_vec(rec);
-                    closed |= bytes.len() >= 16 && bytes[..4] == TAG_CLOSE.to_le_bytes();
-                }
-                _ => break,
-            }
-        }
-        cons.release();
-        closed
+        drain_gone_ring(&mut cons).unwrap_or(false)
     }
 
     /// Puts the ring of a closed channel back among the peer's offers we hold: reads it to
@@ -489,22 +499,9 @@ impl Conn {
         let this = self.arc().ok()?;
         // SAFETY: the channel's reader, the ring's only consumer on this side, is gone (its
         // `RingIn` dropped), and the peer's protocol attaches none.
-        let mut cons = unsafe { crate::ring::spsc::Consumer::attach(region) }.ok()?;
-        // A broken ring is not kept; the peer hears FORGET. Nor is one that holds more records
-        // than fit in it: a peer that closed the channel writes no more, and one that keeps
-        // writing must not keep this thread here.
-        let most = cons.capacity() / crate::ring::spsc::RECORD_ALIGN + 1;
-        let mut drained = false;
-        for _ in 0..most {
-            if cons.pop().ok()?.is_none() {
-                drained = true;
-                break;
-            }
-        }
-        if !drained {
-            return None;
-        }
-        cons.release();
+        let mut cons = unsafe { Consumer::attach(region) }.ok()?;
+        // A broken ring is not kept, nor one that does not end; the peer hears FORGET.
+        drain_gone_ring(&mut cons)?;
         // The peer's side of the channel is gone too (its CLOSE arrived): nobody else uses the
         // ring's words until it is bound again.
         cons.reopen();
