@@ -436,6 +436,9 @@ pub(crate) struct RingIn {
     /// held.
     close_read: AtomicBool,
     close_told: AtomicBool,
+    /// A broken ring noticed under the inbox's lanes lock (`try_finish`): the session ends
+    /// from `retire`, with no lock held.
+    broke: Mutex<Option<Corrupt>>,
 }
 
 // SAFETY: `word` points into the shared mapping owned by `state`'s consumer, which lives as long
@@ -504,6 +507,7 @@ impl RingIn {
             bound: AtomicU32::new(0),
             close_read: AtomicBool::new(false),
             close_told: AtomicBool::new(false),
+            broke: Mutex::new(None),
         }))
     }
 
@@ -1023,7 +1027,11 @@ impl Lane for RingIn {
             match st.cons.peek() {
                 Ok(peeked) => peeked.is_none() && st.staged.is_none(),
                 Err(c) => {
-                    self.corrupt(st, c);
+                    // Under the inbox's lanes lock: the session ends from `retire`.
+                    drop(st);
+                    self.dead.store(true, Ordering::Release);
+                    self.finished.store(true, Ordering::Release);
+                    *self.broke.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
                     return true;
                 }
             }
@@ -1097,6 +1105,10 @@ impl Lane for RingIn {
 
     fn retire(&self) {
         self.tell_closed();
+        let broke = self.broke.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some(c), Some(conn)) = (broke, self.conn.upgrade()) {
+            conn.fail(&format!("peer broke a channel's ring: {c}"));
+        }
     }
 
     fn unpark(&self) {
