@@ -353,6 +353,14 @@ fn tag_bytes(tag: u32, stamp: Stamp) -> [u8; TAG_LEN] {
     head
 }
 
+/// The kind in a record's tag; `None` for a record too short to have a tag.
+pub(crate) fn record_tag(bytes: &[u8]) -> Option<u32> {
+    bytes
+        .first_chunk::<4>()
+        .map(|t| u32::from_le_bytes(*t))
+        .filter(|_| bytes.len() >= TAG_LEN)
+}
+
 /// The rings-announced count in a record's tag (0 for a record too short to have one).
 fn tag_rings(bytes: &[u8]) -> u32 {
     bytes
@@ -657,10 +665,11 @@ impl RingIn {
         while let Ok(Some(rec)) = st.cons.peek() {
             // SAFETY: not copy-out mode: a trusted same-uid producer (as in `try_pop`).
             let bytes = unsafe { st.cons.bytes(rec) };
-            if bytes.len() >= TAG_LEN && bytes[..4] == TAG_HANDLES.to_le_bytes() {
+            let tag = record_tag(bytes);
+            if tag == Some(TAG_HANDLES) {
                 unread.extend(parse_handles(&bytes[TAG_LEN..]).ok().map(|(d, _)| d));
             }
-            closed |= bytes.len() >= TAG_LEN && bytes[..4] == TAG_CLOSE.to_le_bytes();
+            closed |= tag == Some(TAG_CLOSE);
             st.cons.consume(rec);
             Self::took(st, rec, true);
         }
@@ -699,12 +708,12 @@ impl RingIn {
         let _ = st.cons.look_ahead(|cons, rec| {
             let tag = if copy_out {
                 // Copy-out mode never reads the ring in place.
-                cons.to_vec(rec).first_chunk::<4>().copied()
+                record_tag(&cons.to_vec(rec))
             } else {
                 // SAFETY: not copy-out mode: a trusted same-uid producer (as in `try_pop`).
-                unsafe { cons.bytes(rec) }.first_chunk::<4>().copied()
+                record_tag(unsafe { cons.bytes(rec) })
             };
-            found = rec.len() >= TAG_LEN && tag == Some(TAG_CLOSE.to_le_bytes());
+            found = tag == Some(TAG_CLOSE);
             found
         });
         found
@@ -860,10 +869,7 @@ impl RingIn {
             // `Trust::SameUid` the SHM feature is only negotiated with one), trusted to follow
             // the ring protocol.
             let bytes = unsafe { st.cons.bytes(rec) };
-            let tag = bytes
-                .first_chunk::<4>()
-                .map(|t| u32::from_le_bytes(*t))
-                .filter(|_| bytes.len() >= TAG_LEN);
+            let tag = record_tag(bytes);
             let (rings, seq) = (tag_rings(bytes), tag_seq(bytes));
             // The payload, as a pointer: it stays valid past `consume` (until released).
             let payload = bytes.as_ptr().wrapping_add(TAG_LEN);
@@ -1076,9 +1082,9 @@ impl Lane for RingIn {
             (std::mem::take(&mut st.socket), unread, closed)
         };
         if closed && self.offered() {
-            // The inbox tells the session (`retire`), with no lock held; a ring discarded as
-            // its channel is bound (born closed) is closed by the writer's CLOSE, since the
-            // writer sees the gone mark set before it could write anything.
+            // The inbox tells the session (`retire`), with no lock held. A ring discarded as
+            // its channel is bound (born closed) is not retired: its record is found later by
+            // `look_for_closes`, as for any ring whose reader went first.
             self.closed_in_ring();
         }
         // Channels that unread records open are opened and closed at once, as they would be

@@ -35,9 +35,10 @@
 //! record after its last message, which the receiving thread reads and acts on as the CLOSE
 //! frame's dispatch would: `closed_in_ring`), and a receiver that goes first sets the ring's
 //! *consumer gone* word instead of sending RESET. A frame would wake the other side's session
-//! thread, on the cores the application runs on, for every job. CLOSE is still sent when the
-//! writer finds the reader gone after writing its record (the reader may have stopped before
-//! it), or no room for it.
+//! thread, on the cores the application runs on, for every job. A reader that went before the
+//! record was written finds it when its side looks into such rings (`look_for_closes`); CLOSE
+//! is still sent when the ring has no room for the record, or when the record is still unread
+//! `GONE_CLOSE_WAIT` after a reader went (`settle_gone_closes`).
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
@@ -47,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use super::super::chan::InChan;
 use super::super::direct;
-use super::super::shm::{RingIn, RingOut, Stamp, RING_CAPACITY, TAG_CLOSE};
+use super::super::shm::{record_tag, RingIn, RingOut, Stamp, RING_CAPACITY, TAG_CLOSE};
 use super::dispatch::Violation;
 use super::Conn;
 use crate::channel::{Feed, Handle, Inbox, Lane, SendCore, Wait};
@@ -204,8 +205,7 @@ fn drain_gone_ring(cons: &mut Consumer<ShmRegion>) -> Option<bool> {
             cons.release();
             return Some(closed);
         };
-        let bytes = cons.to_vec(rec);
-        closed |= bytes.len() >= 16 && bytes[..4] == TAG_CLOSE.to_le_bytes();
+        closed |= record_tag(&cons.to_vec(rec)) == Some(TAG_CLOSE);
     }
     None
 }
@@ -728,7 +728,6 @@ impl Conn {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
     use super::*;
